@@ -1,0 +1,13 @@
+# The two commands of the README: each one installs what it needs first.
+.PHONY: setup quickstart test
+
+setup:
+	bash scripts/setup.sh
+
+# Train the baseline on Fashion-MNIST (real data, offline) and print its test accuracy.
+quickstart: setup
+	lit-methods fit --config experiments/quickstart.yaml
+
+# The whole test suite (wandb disabled; no network, no GPU needed).
+test: setup
+	python3 -m pytest -q

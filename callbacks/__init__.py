@@ -1,0 +1,1 @@
+"""Callbacks of lit-methods: techniques that apply to any LightningModule."""

@@ -1,0 +1,27 @@
+"""LightningDataModules of lit-methods: CIFAR, ImageNet and their variants, Fashion-MNIST and digits."""
+
+from datamodules.base import InMemoryVisionDataModule, VisionDataModule
+from datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule, CIFAR100LTDataModule
+from datamodules.digits import DigitsDataModule
+from datamodules.fashion_mnist import FashionMNISTDataModule
+from datamodules.imagenet import (
+    DownsampledImageNetDataModule,
+    ImageNet100DataModule,
+    ImageNetDataModule,
+    TinyImageNetDataModule,
+)
+
+__all__ = [
+    "CIFAR100DataModule",
+    "CIFAR100LTDataModule",
+    "CIFAR10DataModule",
+    "CIFAR10LTDataModule",
+    "DigitsDataModule",
+    "DownsampledImageNetDataModule",
+    "FashionMNISTDataModule",
+    "ImageNet100DataModule",
+    "ImageNetDataModule",
+    "InMemoryVisionDataModule",
+    "TinyImageNetDataModule",
+    "VisionDataModule",
+]

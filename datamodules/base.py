@@ -1,0 +1,339 @@
+"""Shared datamodule bases, in the spirit of lightning-bolts' ``VisionDataModule``.
+
+:class:`VisionDataModule` owns what every image dataset needs (data_dir, batch sizes, workers, a seeded validation
+split carved from the training split, separate validation transforms, the attributes that the CLI links into models).
+:class:`InMemoryVisionDataModule` adds the fast path for datasets that fit in memory: the split is one ``uint8``
+tensor and batches are augmented on their device in :meth:`~InMemoryVisionDataModule.on_after_batch_transfer`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
+from datamodules.subsets import long_tailed_indices, per_class_subset_indices
+from datamodules.transforms import build_eval_transforms, build_train_transforms
+
+__all__ = ["ArrayImageDataset", "InMemoryVisionDataModule", "VisionDataModule", "split_indices"]
+
+
+def split_indices(num_samples: int, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``range(num_samples)`` into (train, val); ``val_split`` is a count or a fraction."""
+    val_size = val_split if isinstance(val_split, int) else round(num_samples * val_split)
+    if val_split and val_size == 0:
+        raise ValueError(f"val_split={val_split!r} gives an empty validation split of {num_samples} samples")
+    if val_size >= num_samples:
+        raise ValueError(f"val_split={val_split!r} leaves no training samples out of {num_samples}")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Base for image classification datamodules.
+
+    Subclasses set the class attributes (or instance attributes where they depend on arguments) that the CLI links
+    into models: ``num_classes``, ``in_channels``, ``image_size`` (H, W), and the normalization ``mean``/``std``.
+
+    Args:
+        data_dir: where the dataset lives (or is downloaded to).
+        val_split: size of the validation split carved from the training split with ``seed``: an int count or a
+            fraction in [0, 1). With 0, validation runs on the test split, as the CIFAR papers report it.
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size per process (defaults to ``batch_size``).
+        num_workers: DataLoader workers of the torchvision path.
+        seed: seed of the validation split, of the shuffling and of the augmentation.
+        download: download the dataset in ``prepare_data`` if it is missing.
+        pin_memory: pin batches for faster host-to-GPU copies.
+        drop_last: drop the last incomplete training batch.
+        train_transforms: per-sample transform of training images (torchvision path); defaults per dataset.
+        val_transforms: per-sample transform of validation/test images; defaults per dataset.
+    """
+
+    name: ClassVar[str] = ""
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        val_split: int | float = 0,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 42,
+        download: bool = False,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        train_transforms: Callable | None = None,
+        val_transforms: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
+            raise TypeError(f"val_split must be an int count or a float fraction, got {val_split!r}")
+        if isinstance(val_split, int) and val_split < 0:
+            raise ValueError(f"val_split must be >= 0, got {val_split}")
+        if isinstance(val_split, float) and not 0.0 <= val_split < 1.0:
+            raise ValueError(f"val_split as a fraction must lie in [0, 1), got {val_split}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.val_split = val_split
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.download = download
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.train_transforms = train_transforms
+        self.val_transforms = val_transforms
+
+    # -- helpers for subclasses -------------------------------------------------------------------------------
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """This process' rank and the world size, from the trainer when attached, else torch.distributed."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def default_train_transforms(self) -> Callable:
+        return build_eval_transforms(self.mean, self.std)
+
+    def default_val_transforms(self) -> Callable:
+        return build_eval_transforms(self.mean, self.std)
+
+    def resolved_train_transforms(self) -> Callable:
+        return self.train_transforms if self.train_transforms is not None else self.default_train_transforms()
+
+    def resolved_val_transforms(self) -> Callable:
+        return self.val_transforms if self.val_transforms is not None else self.default_val_transforms()
+
+    def make_dataloader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last if train else False,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+
+class ArrayImageDataset(Dataset):
+    """Per-sample view of a ``uint8`` ``(N, C, H, W)`` tensor as PIL images, for the torchvision path."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable | None = None) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        array = self.images[index].permute(1, 2, 0).numpy()
+        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+class InMemoryVisionDataModule(VisionDataModule):
+    """A dataset held as ``uint8`` tensors, with the fast on-device augmentation path (default) or torchvision.
+
+    Subclasses implement :meth:`load_split` (and :meth:`download_split` when the dataset can be downloaded).
+
+    Args:
+        fast_loader: gather batches from the in-memory tensor and augment them on their device
+            (:mod:`datamodules.fast`); ``False`` uses a torchvision ``DataLoader`` with per-sample PIL transforms.
+        crop_padding: zero padding of the random crop (0: no crop).
+        horizontal_flip: random horizontal flips.
+        cutout_size: side of the Cutout square (0: no cutout).
+        imbalance_factor: long-tailed training split (Cao et al., LDAM, arXiv:1906.07413): class ``i`` keeps
+            ``n_max * imbalance_factor ** (-i / (C - 1))`` images; 1 keeps the split balanced.
+        samples_per_class: keep this many training images per class, drawn with ``seed``.
+        The other arguments are those of :class:`VisionDataModule`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        val_split: int | float = 0,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 42,
+        download: bool = False,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        train_transforms: Callable | None = None,
+        val_transforms: Callable | None = None,
+        fast_loader: bool = True,
+        crop_padding: int = 4,
+        horizontal_flip: bool = True,
+        cutout_size: int = 0,
+        imbalance_factor: float = 1.0,
+        samples_per_class: int | None = None,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            val_split=val_split,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            download=download,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            train_transforms=train_transforms,
+            val_transforms=val_transforms,
+        )
+        if fast_loader and (train_transforms is not None or val_transforms is not None):
+            raise ValueError("custom train_transforms/val_transforms need fast_loader=False (torchvision path)")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if cutout_size < 0:
+            raise ValueError(f"cutout_size must be >= 0, got {cutout_size}")
+        if not (math.isfinite(imbalance_factor) and imbalance_factor >= 1.0):
+            raise ValueError(f"imbalance_factor must be a finite number >= 1, got {imbalance_factor}")
+        if samples_per_class is not None and samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be >= 1, got {samples_per_class}")
+        if samples_per_class is not None and imbalance_factor != 1.0:
+            raise ValueError(
+                f"choose either samples_per_class={samples_per_class} or imbalance_factor={imbalance_factor}"
+            )
+        self.fast_loader = fast_loader
+        self.crop_padding = crop_padding
+        self.horizontal_flip = horizontal_flip
+        self.cutout_size = cutout_size
+        self.imbalance_factor = imbalance_factor
+        self.samples_per_class = samples_per_class
+        self.augment = BatchAugment(self.mean, self.std, crop_padding, horizontal_flip, cutout_size, seed)
+        self._augment_epoch: int | None = None
+        self.train_images: Tensor | None = None
+        self.train_labels: Tensor | None = None
+        self.val_images: Tensor | None = None
+        self.val_labels: Tensor | None = None
+        self.test_images: Tensor | None = None
+        self.test_labels: Tensor | None = None
+
+    # -- what a dataset subclass provides ---------------------------------------------------------------------
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Read one split from ``data_dir`` as (``uint8`` ``(N, C, H, W)`` images, ``int64`` labels).
+
+        Raise ``FileNotFoundError`` naming where it looked and how to get the data when it is missing, and
+        ``RuntimeError`` naming the file when a file is truncated or corrupted.
+        """
+        raise NotImplementedError
+
+    def download_split(self, train: bool) -> None:
+        """Fetch one split into ``data_dir``; only called from :meth:`prepare_data` with ``download=True``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot download; place the files in {self.data_dir}")
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self.download_split(train)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_images is None:
+            images, labels = self.load_split(train=True)
+            keep = self.select_training_indices(labels)
+            if keep is not None:
+                images, labels = images[keep], labels[keep]
+            if self.val_split:
+                train_idx, val_idx = split_indices(len(labels), self.val_split, self.seed)
+                self.val_images, self.val_labels = images[val_idx], labels[val_idx]
+                images, labels = images[train_idx], labels[train_idx]
+            self.train_images, self.train_labels = images, labels
+        needs_test = stage in (None, "test", "predict") or not self.val_split
+        if needs_test and self.test_images is None:
+            self.test_images, self.test_labels = self.load_split(train=False)
+
+    def select_training_indices(self, labels: Tensor) -> Tensor | None:
+        """Indices of the training split kept by the long-tailed or per-class-subset options (None: all)."""
+        if self.imbalance_factor != 1.0:
+            return long_tailed_indices(labels, self.num_classes, self.imbalance_factor)
+        if self.samples_per_class is not None:
+            return per_class_subset_indices(labels, self.num_classes, self.samples_per_class, self.seed)
+        return None
+
+    def default_train_transforms(self) -> Callable:
+        return build_train_transforms(
+            self.mean, self.std, self.image_size, self.crop_padding, self.horizontal_flip, self.cutout_size
+        )
+
+    def _loader(self, images: Tensor | None, labels: Tensor | None, train: bool) -> Any:
+        if images is None or labels is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not loaded this split yet")
+        if not self.fast_loader:
+            transform = self.resolved_train_transforms() if train else self.resolved_val_transforms()
+            return self.make_dataloader(ArrayImageDataset(images, labels, transform), train)
+        rank, world_size = self.rank_and_world_size()
+        sampler = ShardedEpochSampler(
+            len(labels),
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.seed,
+            drop_last=self.drop_last if train else False,
+            rank=rank,
+            world_size=world_size,
+        )
+        return InMemoryBatchLoader(images, labels, sampler, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> Any:
+        return self._loader(self.train_images, self.train_labels, train=True)
+
+    def val_dataloader(self) -> Any:
+        if self.val_split:
+            return self._loader(self.val_images, self.val_labels, train=False)
+        return self._loader(self.test_images, self.test_labels, train=False)
+
+    def test_dataloader(self) -> Any:
+        return self._loader(self.test_images, self.test_labels, train=False)
+
+    def predict_dataloader(self) -> Any:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Fast path: augment (training) or only normalize (evaluation) the ``uint8`` images on their device.
+
+        The augmentation generator is re-seeded from ``(seed, rank, epoch)`` at the first training batch of every
+        epoch, so each rank draws its own parameters and a run resumed at an epoch boundary continues exactly.
+        """
+        images, labels = batch
+        if images.dtype != torch.uint8:
+            return batch
+        if self.trainer is None or not self.trainer.training:
+            return self.augment.normalize(images), labels
+        epoch = self.trainer.current_epoch
+        if epoch != self._augment_epoch:
+            rank, _ = self.rank_and_world_size()
+            seed = np.random.SeedSequence([self.seed, rank, epoch]).generate_state(1)[0]
+            self.augment.generator.manual_seed(int(seed))
+            self._augment_epoch = epoch
+        return self.augment(images), labels

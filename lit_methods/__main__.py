@@ -1,0 +1,3 @@
+from lit_methods.cli import main
+
+main()

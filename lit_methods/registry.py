@@ -1,0 +1,474 @@
+"""The method registry: one entry per method, the source of ``lit-methods list`` and of the README table.
+
+``status`` is ``"available"`` once the method's module, configs and behavioural tests have landed, ``"planned"``
+before; ``import_path`` of a planned entry is where the method will live.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["METHODS", "MethodEntry", "format_table", "get_method", "import_method", "with_registry_table"]
+
+Kind = Literal["module", "callback", "datamodule", "transform", "backbone", "sampler", "metric", "loss"]
+Status = Literal["available", "planned"]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method: its slug (from the project's method index), paper, family, kind, code and configs."""
+
+    slug: str
+    paper: str
+    url: str | None
+    family: str
+    kind: Kind
+    import_path: str
+    configs: tuple[str, ...] = ()
+    status: Status = "planned"
+
+    @property
+    def run(self) -> str:
+        """How to run it: the CLI command of its first config, or how to attach it."""
+        if self.status != "available":
+            return "—"
+        if self.configs:
+            return f"`lit-methods fit --config {self.configs[0]}`"
+        return f"`{self.import_path}`"
+
+
+def _entry(slug: str, paper: str, url: str | None, family: str, kind: Kind, import_path: str) -> MethodEntry:
+    return MethodEntry(slug, paper, url, family, kind, import_path)
+
+
+_ARXIV = "https://arxiv.org/abs/"
+
+METHODS: dict[str, MethodEntry] = {
+    e.slug: e
+    for e in [
+        MethodEntry(
+            "baseline",
+            "Deep Residual Learning for Image Recognition (supervised baseline classifier)",
+            _ARXIV + "1512.03385",
+            "supervised",
+            "module",
+            "lit_methods.ImageClassifier",
+            (
+                "experiments/quickstart.yaml",
+                "experiments/baseline/baseline_resnet18_cifar10.yaml",
+                "experiments/baseline/baseline_resnet18_cifar100.yaml",
+                "experiments/baseline/baseline_resnet18_imagenet.yaml",
+            ),
+            "available",
+        ),
+        _entry(
+            "fyi",
+            "FYI: Flip Your Images for Dataset Distillation",
+            _ARXIV + "2407.08113",
+            "dataset distillation",
+            "module",
+            "lit_methods.distillation.FYI",
+        ),
+        _entry(
+            "fedloge",
+            "FedLoGe: Joint Local and Generic Federated Learning under Long-tailed Data",
+            _ARXIV + "2401.08977",
+            "federated",
+            "module",
+            "lit_methods.federated.FedLoGe",
+        ),
+        _entry(
+            "dicesgd",
+            "Differentially Private SGD Without Clipping Bias: An Error-Feedback Approach",
+            _ARXIV + "2311.14632",
+            "privacy",
+            "callback",
+            "callbacks.ErrorFeedbackDP",
+        ),
+        _entry(
+            "worst-case-forget",
+            "Challenging Forgets: Unveiling the Worst-Case Forget Sets in Machine Unlearning",
+            _ARXIV + "2403.07362",
+            "unlearning",
+            "module",
+            "lit_methods.unlearning.WorstCaseForget",
+        ),
+        _entry(
+            "projection-head",
+            "Investigating the Benefits of Projection Head for Representation Learning",
+            _ARXIV + "2403.11391",
+            "self-supervised",
+            "module",
+            "lit_methods.ssl.ProjectionHeadStudy",
+        ),
+        _entry(
+            "ap",
+            "AP: Selective Activation for De-sparsifying Pruned Neural Networks",
+            _ARXIV + "2212.06145",
+            "pruning",
+            "callback",
+            "callbacks.ActivatingWhilePruning",
+        ),
+        _entry(
+            "tesla",
+            "Scaling Up Dataset Distillation to ImageNet-1K with Constant Memory",
+            _ARXIV + "2211.10586",
+            "dataset distillation",
+            "module",
+            "lit_methods.distillation.TESLA",
+        ),
+        _entry(
+            "randaugment",
+            "RandAugment: Practical automated data augmentation with a reduced search space",
+            _ARXIV + "1909.13719",
+            "augmentation",
+            "transform",
+            "datamodules.transforms.RandAugment",
+        ),
+        _entry(
+            "spectformer",
+            "SpectFormer: Frequency and Attention is what you need in a Vision Transformer",
+            _ARXIV + "2304.06446",
+            "architecture",
+            "backbone",
+            "lit_methods.nets.SpectFormer",
+        ),
+        _entry(
+            "fedossl",
+            "Towards Unbiased Training in Federated Open-world Semi-supervised Learning",
+            _ARXIV + "2305.00771",
+            "federated",
+            "module",
+            "lit_methods.federated.FedoSSL",
+        ),
+        _entry(
+            "slimfit",
+            "SlimFit: Memory-Efficient Fine-Tuning of Transformer-based Models Using Training Dynamics",
+            _ARXIV + "2305.18513",
+            "efficient fine-tuning",
+            "callback",
+            "callbacks.SlimFit",
+        ),
+        _entry(
+            "polarization",
+            "Learning a Consensus Sub-Network with Polarization Regularization and One Pass Training",
+            _ARXIV + "2302.10798",
+            "pruning",
+            "module",
+            "lit_methods.pruning.Polarization",
+        ),
+        _entry(
+            "diffusion",
+            "Enhancing Diffusion Models for High-Quality Image Generation (DDPM, DDIM, CFG, latent)",
+            _ARXIV + "2412.14422",
+            "generative",
+            "module",
+            "lit_methods.diffusion.Diffusion",
+        ),
+        _entry(
+            "crossmax",
+            "Ensemble everything everywhere: Multi-scale aggregation for adversarial robustness",
+            _ARXIV + "2408.05446",
+            "robustness",
+            "module",
+            "lit_methods.robustness.CrossMax",
+        ),
+        _entry(
+            "ssl-ey",
+            "Unconstrained Stochastic CCA: Unifying Multiview and Self-Supervised Learning",
+            _ARXIV + "2310.01012",
+            "self-supervised",
+            "module",
+            "lit_methods.ssl.SSLEY",
+        ),
+        _entry(
+            "lottery-ownership",
+            "You are caught stealing my winning lottery ticket!",
+            _ARXIV + "2111.00162",
+            "pruning / IP protection",
+            "module",
+            "lit_methods.pruning.LotteryOwnership",
+        ),
+        _entry(
+            "dcc",
+            "Dataset Condensation with Contrastive Signals",
+            _ARXIV + "2202.02916",
+            "dataset distillation",
+            "module",
+            "lit_methods.distillation.DCC",
+        ),
+        _entry(
+            "tas",
+            "Network Pruning via Transformable Architecture Search",
+            _ARXIV + "1905.09717",
+            "pruning / NAS",
+            "module",
+            "lit_methods.nas.TAS",
+        ),
+        _entry(
+            "eeea-net",
+            "EEEA-Net: An Early Exit Evolutionary Neural Architecture Search",
+            _ARXIV + "2108.06156",
+            "NAS",
+            "module",
+            "lit_methods.nas.EEEANet",
+        ),
+        _entry(
+            "mlc",
+            "Unsupervised Manifold Linearizing and Clustering",
+            _ARXIV + "2301.01805",
+            "clustering",
+            "module",
+            "lit_methods.ssl.MLC",
+        ),
+        _entry(
+            "selfie",
+            "Selfie: Self-supervised Pretraining for Image Embedding",
+            _ARXIV + "1906.02940",
+            "self-supervised",
+            "module",
+            "lit_methods.ssl.Selfie",
+        ),
+        _entry(
+            "cuda-unlearnable",
+            "CUDA: Convolution-based Unlearnable Datasets",
+            _ARXIV + "2303.04278",
+            "data protection",
+            "transform",
+            "datamodules.unlearnable.CUDATransform",
+        ),
+        _entry(
+            "pubdef",
+            "PubDef: Defending Against Transfer Attacks From Public Models",
+            _ARXIV + "2310.17645",
+            "robustness",
+            "module",
+            "lit_methods.robustness.PubDef",
+        ),
+        _entry(
+            "multi-sample-dropout",
+            "Multi-Sample Dropout for Accelerated Training and Better Generalization",
+            _ARXIV + "1905.09788",
+            "regularization",
+            "module",
+            "lit_methods.supervised.MultiSampleDropout",
+        ),
+        _entry(
+            "sparse-then-prune",
+            "Sparse then Prune: Toward Efficient Vision Transformers",
+            _ARXIV + "2307.11988",
+            "pruning",
+            "module",
+            "lit_methods.pruning.SparseThenPrune",
+        ),
+        _entry(
+            "hard-batches",
+            "Can we learn better with hard samples?",
+            _ARXIV + "2304.03486",
+            "training schedule",
+            "module",
+            "lit_methods.supervised.HardBatches",
+        ),
+        _entry(
+            "bd-kd",
+            "BD-KD: Balancing the Divergences for Online Knowledge Distillation",
+            _ARXIV + "2212.12965",
+            "knowledge distillation",
+            "module",
+            "lit_methods.distillation.BDKD",
+        ),
+        _entry(
+            "kdgqa",
+            "Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention",
+            _ARXIV + "2408.08454",
+            "architecture",
+            "backbone",
+            "lit_methods.nets.KDGQAViT",
+        ),
+        _entry(
+            "mixed-barlow-twins",
+            "Guarding Barlow Twins Against Overfitting with Mixed Samples",
+            _ARXIV + "2312.02151",
+            "self-supervised",
+            "module",
+            "lit_methods.ssl.MixedBarlowTwins",
+        ),
+        _entry(
+            "iir-snn",
+            "One Timestep is All You Need: Training Spiking Neural Networks with Ultra Low Latency",
+            _ARXIV + "2110.05929",
+            "spiking nets",
+            "module",
+            "lit_methods.snn.IIRSNN",
+        ),
+        _entry(
+            "adv-finetune",
+            "A Simple Fine-tuning Is All You Need: Robust Deep Learning Via Adversarial Fine-tuning",
+            _ARXIV + "2012.13628",
+            "robustness",
+            "module",
+            "lit_methods.robustness.AdversarialFinetune",
+        ),
+        _entry(
+            "ghost-bn",
+            "Train longer, generalize better (Ghost Batch Normalization, regime adaptation)",
+            _ARXIV + "1705.08741",
+            "large-batch training",
+            "callback",
+            "callbacks.GhostBatchNorm",
+        ),
+        _entry(
+            "time-shift",
+            "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps",
+            _ARXIV + "2305.15583",
+            "generative",
+            "sampler",
+            "lit_methods.diffusion.TimeShiftSampler",
+        ),
+        _entry(
+            "cabage",
+            "CaBaGe: Data-Free Model Extraction using Class Balanced Generator Ensemble",
+            _ARXIV + "2409.10643",
+            "model extraction",
+            "module",
+            "lit_methods.robustness.CaBaGe",
+        ),
+        _entry(
+            "nmc-baseline",
+            "A Simple Baseline that Questions the Use of Pretrained-Models in Continual Learning",
+            _ARXIV + "2210.04428",
+            "continual",
+            "module",
+            "lit_methods.continual.NMCBaseline",
+        ),
+        _entry(
+            "napa-vq",
+            "NAPA-VQ: Neighborhood Aware Prototype Augmentation with Vector Quantization",
+            "https://openaccess.thecvf.com/content/ICCV2023/html/Malepathirana_NAPA-VQ_Neighborhood-Aware_Prototype_Augmentation_with_Vector_Quantization_for_Continual_Learning_ICCV_2023_paper.html",
+            "continual",
+            "module",
+            "lit_methods.continual.NAPAVQ",
+        ),
+        _entry(
+            "otov2",
+            "OTOV2: Automatic, Generic, User-Friendly",
+            _ARXIV + "2303.06862",
+            "pruning",
+            "module",
+            "lit_methods.pruning.OTOv2",
+        ),
+        _entry(
+            "datadam",
+            "DataDAM: Efficient Dataset Distillation with Attention Matching",
+            _ARXIV + "2310.00093",
+            "dataset distillation",
+            "module",
+            "lit_methods.distillation.DataDAM",
+        ),
+        _entry(
+            "subgroup-fairness",
+            "Better May Not Be Fairer: Subgroup Discrepancy (CIFAR10-B, MacroStd, FlowAug)",
+            _ARXIV + "2212.08649",
+            "evaluation",
+            "metric",
+            "lit_methods.supervised.MacroStd",
+        ),
+        _entry(
+            "adapt",
+            "Adaptive Precision Training (AdaPT)",
+            _ARXIV + "2107.13490",
+            "quantized training",
+            "callback",
+            "callbacks.AdaPT",
+        ),
+        _entry(
+            "deps",
+            "DεpS: Delayed ε-Shrinking for Faster Once-For-All Training",
+            _ARXIV + "2407.06167",
+            "once-for-all",
+            "module",
+            "lit_methods.nas.DEpS",
+        ),
+        _entry(
+            "hallucinator",
+            "Hallucination Improves the Performance of Unsupervised Visual Representation Learning",
+            _ARXIV + "2307.12168",
+            "self-supervised",
+            "module",
+            "lit_methods.ssl.Hallucinator",
+        ),
+        _entry(
+            "pndm",
+            "Pseudo Numerical Methods for Diffusion Models on Manifolds",
+            _ARXIV + "2202.09778",
+            "generative",
+            "sampler",
+            "lit_methods.diffusion.PNDMSampler",
+        ),
+        _entry(
+            "rd-prune",
+            "Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep Neural Networks",
+            "https://openaccess.thecvf.com/content/ICCV2023/html/Xu_Efficient_Joint_Optimization_of_Layer-Adaptive_Weight_Pruning_in_Deep_Neural_ICCV_2023_paper.html",
+            "pruning",
+            "module",
+            "lit_methods.pruning.RDPrune",
+        ),
+    ]
+}
+
+
+def get_method(slug: str) -> MethodEntry:
+    """The registry entry of ``slug``; a ``KeyError`` lists the known slugs."""
+    try:
+        return METHODS[slug]
+    except KeyError:
+        raise KeyError(f"unknown method {slug!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+def import_method(slug: str) -> object:
+    """Import the class or function behind an available method."""
+    entry = get_method(slug)
+    if entry.status != "available":
+        raise ImportError(f"method {slug!r} is {entry.status}, not available yet")
+    module_name, _, name = entry.import_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def format_table(markdown: bool = False) -> str:
+    """The registry as a Markdown table (the README's) or as aligned plain text."""
+    header = ("slug", "paper", "family", "how to run", "status")
+    rows = []
+    for e in METHODS.values():
+        paper = f"[{e.paper}]({e.url})" if (markdown and e.url) else e.paper
+        rows.append((f"`{e.slug}`" if markdown else e.slug, paper, e.family, e.run, e.status))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in (0, 2, 4)]
+    return "\n".join(
+        f"{r[0]:<{widths[0]}}  {r[4]:<{widths[2]}}  {r[2]:<{widths[1]}}  {r[1]}" for r in [header, *rows]
+    )
+
+
+README_START = "<!-- registry-table:start -->"
+README_END = "<!-- registry-table:end -->"
+
+
+def with_registry_table(readme: str) -> str:
+    """``readme`` with the text between the registry-table markers replaced by :func:`format_table`."""
+    head, start, rest = readme.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"the README lacks the markers {README_START} ... {README_END}")
+    return f"{head}{start}\n{format_table(markdown=True)}\n{end}{tail}"
+
+
+if __name__ == "__main__":  # python -m lit_methods.registry README.md: regenerate the README's table
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path.write_text(with_registry_table(path.read_text()))

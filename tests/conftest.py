@@ -1,0 +1,50 @@
+"""Test hygiene (after lightning-bolts' conftest): no leaked env vars, process groups or determinism flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+# No test talks to wandb's servers: the wandb tests switch to offline mode themselves.
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def restore_env_variables() -> Iterator[None]:
+    """Restore the environment after each test (Lightning and wandb set variables while they run)."""
+    saved = os.environ.copy()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def teardown_process_group() -> Iterator[None]:
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def reset_deterministic_algorithms() -> Iterator[None]:
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(autouse=True)
+def restore_num_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def in_tmp_dir(tmp_path, monkeypatch) -> Iterator[os.PathLike]:
+    """Run the test with the working directory in a fresh temporary folder (logs and checkpoints land there)."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path

@@ -1,0 +1,180 @@
+"""The lit-methods CLI: configs, data facts, saved configs, downstream subclasses, sweeps and wandb."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_methods.cli import LitMethodsCLI, main, redact_namespace, redact_secrets, resolve_config_path
+from lit_methods.registry import METHODS
+from tests.downstream_project.focal import FocalLossClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+QUICKSTART = str(EXPERIMENTS / "quickstart.yaml")
+CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.precision=32-true"]
+TINY_FIT = [
+    "--trainer.max_steps=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+DIGITS = ["--data=datamodules.DigitsDataModule", "--data.batch_size=32"]
+TINY_CONVNET = ["--model.backbone=lit_methods.nets.ConvNet", "--model.backbone.width=8", "--model.backbone.depth=2"]
+
+
+def experiment_configs() -> list[Path]:
+    return sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "sweeps" not in p.parts)
+
+
+@pytest.mark.parametrize("path", experiment_configs(), ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_experiment_config_parses(path, capsys):
+    """Full configs parse alone; fragments (data/, trainer/, logger/) parse composed onto the quickstart."""
+    content = yaml.safe_load(path.read_text())
+    args = ["fit", "--config", str(path)] if "model" in content else ["fit", "--config", QUICKSTART, "--config", str(path)]
+    with pytest.raises(SystemExit) as exit_info:
+        LitMethodsCLI(args=[*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in content.items():
+        if isinstance(value, dict) and "class_path" in value:
+            assert printed[key]["class_path"] == value["class_path"]
+
+
+def test_registry_configs_exist():
+    for entry in METHODS.values():
+        for config in entry.configs:
+            assert (REPO / config).is_file(), f"{entry.slug}: {config}"
+
+
+@pytest.mark.parametrize(
+    "config", ["baseline/baseline_resnet18_cifar10.yaml", "baseline/baseline_resnet18_cifar100.yaml"]
+)
+def test_cifar_baselines_instantiate_with_the_data_facts(config, in_tmp_dir):
+    cli = LitMethodsCLI(args=["--config", str(EXPERIMENTS / config), *CPU], run=False)
+    classes = 10 if "cifar10." in config else 100
+    assert cli.model.num_classes == cli.model.backbone.num_classes == classes
+    assert cli.model.backbone.in_channels == 3 and cli.model.image_size == (32, 32)
+
+
+def test_data_facts_fill_the_model_and_its_backbone(in_tmp_dir):
+    cli = LitMethodsCLI(args=["--config", QUICKSTART, *CPU], run=False)
+    assert (cli.model.num_classes, cli.model.in_channels, cli.model.image_size) == (10, 1, (28, 28))
+    backbone = cli.model.backbone
+    assert (backbone.num_classes, backbone.in_channels, backbone.image_size) == (10, 1, (28, 28))
+    init_args = cli.config.model.init_args
+    assert init_args.num_classes == 10 and init_args.backbone.init_args.in_channels == 1
+
+
+def test_data_facts_fill_only_parameters_a_backbone_accepts(in_tmp_dir):
+    args = ["--model=lit_methods.ImageClassifier", "--model.backbone=tests.downstream_project.plain_mlp.PlainMLP"]
+    cli = LitMethodsCLI(args=[*args, *DIGITS, *CPU], run=False)
+    assert cli.model.backbone.net[-1].out_features == 10
+    assert "in_channels" not in cli.config.model.init_args.backbone.init_args
+
+
+def test_downstream_subclass_trains_by_class_path_and_reloads(in_tmp_dir):
+    model_args = ["--model=tests.downstream_project.focal.FocalLossClassifier", "--model.gamma=1.5", "--model.lr=0.07"]
+    logger = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=logs"]
+    main(["fit", *model_args, *TINY_CONVNET, *DIGITS, *CPU, *TINY_FIT, *logger])
+    (run_dir,) = (in_tmp_dir / "logs" / "lightning_logs").iterdir()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["num_classes"] == 10
+    assert saved["model"]["init_args"]["backbone"]["init_args"]["in_channels"] == 1
+    (checkpoint,) = (run_dir / "checkpoints").glob("*.ckpt")
+    restored = FocalLossClassifier.load_from_checkpoint(checkpoint)
+    assert (restored.gamma, restored.lr, restored.num_classes, restored.backbone.width) == (1.5, 0.07, 10, 8)
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for name, value in restored.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_validate_and_test_subcommands_run(in_tmp_dir, capsys):
+    for subcommand in ("validate", "test"):
+        main([subcommand, "--model=lit_methods.ImageClassifier", *TINY_CONVNET, *DIGITS, *CPU, "--trainer.logger=false"])
+    assert "test/acc" in capsys.readouterr().out
+
+
+def test_config_paths_resolve_from_anywhere(in_tmp_dir):
+    for given in ("quickstart.yaml", "experiments/quickstart.yaml", "data/cifar10.yaml"):
+        resolved = Path(resolve_config_path(given))
+        assert resolved.is_file() and resolved.read_text() == (EXPERIMENTS / given.removeprefix("experiments/")).read_text()
+    assert resolve_config_path("no/such.yaml") == "no/such.yaml"
+
+
+def test_secret_looking_keys_are_redacted():
+    config = {"trainer": {"logger": {"init_args": {"api_key": "abc", "project": "p", "settings": {"token": "t"}}}}}
+    redacted = redact_secrets(config)
+    assert redacted["trainer"]["logger"]["init_args"] == {"api_key": "<redacted>", "project": "p", "settings": {"token": "<redacted>"}}
+    cli = LitMethodsCLI(args=["--config", QUICKSTART, *CPU, "--trainer.logger=false"], run=False)
+    namespace = cli.config.clone()
+    namespace["model.init_args.backbone.init_args.secret"] = "s3cr3t"
+    assert redact_namespace(namespace)["model.init_args.backbone.init_args.secret"] == "<redacted>"
+    assert cli.config.model.init_args.backbone.init_args.get("secret") is None
+
+
+def test_list_prints_every_registered_method(capsys):
+    main(["list"])
+    out = capsys.readouterr().out
+    assert all(slug in out for slug in METHODS)
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "lit_methods", "list"], capture_output=True, text=True, check=True)
+    assert "baseline" in result.stdout
+
+
+def _sweep_argv(sweep_file: Path) -> tuple[list[str], dict]:
+    """The argv that `wandb agent` runs for the first value of every parameter of a sweep file."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    sweep = yaml.safe_load(sweep_file.read_text())
+    chosen = {}
+    for name, spec in sweep["parameters"].items():
+        chosen[name] = spec["values"][0] if "values" in spec else spec["min"]
+    flags = create_sweep_command_args({"args": {k: {"value": v} for k, v in chosen.items()}})["args"]
+    argv = []
+    for chunk in sweep["command"]:
+        if chunk == "${args}":
+            argv += flags
+        elif chunk not in ("${env}", "lit-methods", sweep["program"]):
+            argv.append(chunk)
+    return argv, chosen
+
+
+@pytest.mark.parametrize("sweep_file", sorted((EXPERIMENTS / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_sweep_parameters_are_cli_keys(sweep_file, capsys):
+    sweep = yaml.safe_load(sweep_file.read_text())
+    assert sweep["command"][:3] == ["${env}", "lit-methods", "fit"] and sweep["metric"]["name"] in ("val/acc", "val/loss")
+    argv, chosen = _sweep_argv(sweep_file)
+    with pytest.raises(SystemExit):
+        LitMethodsCLI(args=[*[resolve_config_path(a) for a in argv], *CPU, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in chosen.items():
+        node = printed
+        for part in key.split("."):
+            node = node[part]
+        assert node == value
+
+
+def test_sweep_run_fits_and_pushes_the_config_to_offline_wandb(in_tmp_dir, monkeypatch):
+    fake_key = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", fake_key)
+    monkeypatch.setenv("WANDB_DIR", str(in_tmp_dir))
+    argv, chosen = _sweep_argv(EXPERIMENTS / "sweeps" / "quickstart_lr_batch.yaml")
+    assert argv[0] == "fit"
+    cli = LitMethodsCLI(args=[*argv, *TINY_CONVNET, "--data=datamodules.DigitsDataModule", *CPU, *TINY_FIT])
+    assert cli.model.lr == chosen["model.init_args.lr"]
+    assert cli.datamodule.batch_size == chosen["data.init_args.batch_size"]
+    assert cli.trainer.global_step == 2
+    files = [p for p in in_tmp_dir.rglob("*") if p.is_file()]
+    assert not any(fake_key.encode() in p.read_bytes() for p in files)
+    run_files = [p for p in files if "offline-run" in str(p)]
+    # trainer settings reach wandb only through the full-config push (model hyper-parameters are logged anyway)
+    assert any(b"limit_val_batches" in p.read_bytes() for p in run_files), "the config did not reach the wandb run"
