@@ -13,8 +13,9 @@ Data: ``--num-images`` (default 50,000) random CIFAR-shaped ``uint8`` images ``(
 
 Both paths first run ``--warmup`` untimed batches from a throw-away iterator. Each timed epoch then starts from a new
 iterator, so the reference's "epoch" figures count its worker startup (as users experience it); its "steady" figures
-leave out the first ``--warmup`` batches of the epoch (worker startup included). Figures are medians over
-``--repeats`` epochs. Goal: fast / reference >= 10x on whole epochs.
+leave out the first ``--warmup`` batches of the epoch, and with them the worker startup (meaningful only when an epoch
+has many more batches than the workers prefetch). The paths alternate epoch by epoch for ``--repeats`` rounds;
+figures are medians. Goal: fast / reference >= 10x on whole epochs.
 
 Run: ``python benchmarks/loader.py`` (``--num-images 5000 --repeats 1`` for a quick check).
 """
@@ -61,6 +62,7 @@ class PILDataset(Dataset):
 
 @dataclass
 class Epoch:
+    images: int
     seconds: float  # whole epoch, from creating the iterator to the last batch
     first_batch: float  # from creating the iterator to the first batch (worker startup for the reference)
     steady_seconds: float  # after the first `skip` batches
@@ -76,7 +78,18 @@ def time_epoch(batches: Iterable[tuple[Tensor, Tensor]], consume: Callable[[Tens
         sizes.append(len(images))
     skip = min(skip, len(stamps) - 1)
     steady_from = stamps[skip - 1] if skip else start
-    return Epoch(stamps[-1] - start, stamps[0] - start, stamps[-1] - steady_from, sum(sizes[skip:]))
+    return Epoch(sum(sizes), stamps[-1] - start, stamps[0] - start, stamps[-1] - steady_from, sum(sizes[skip:]))
+
+
+def report(name: str, epochs: list[Epoch]) -> tuple[float, float]:
+    """Print one row of medians; returns (epoch img/s, steady img/s)."""
+    rates = [e.images / e.seconds for e in epochs]
+    steady = statistics.median(e.steady_images / e.steady_seconds for e in epochs)
+    rate, first = statistics.median(rates), statistics.median(e.first_batch for e in epochs)
+    spread = f"{min(rates):,.0f}-{max(rates):,.0f}"
+    seconds = statistics.median(e.seconds for e in epochs)
+    print(f"{name:<34} {seconds:>8.3f} {rate:>10,.0f} {spread:>18} {first:>12.3f} {steady:>13,.0f}")
+    return rate, steady
 
 
 def warm_up(batches: Iterable[tuple[Tensor, Tensor]], consume: Callable[[Tensor], object], count: int) -> None:
@@ -117,7 +130,8 @@ def main() -> None:
     images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (args.num_images,), generator=generator)
 
-    dataset = PILDataset(images.permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist(), reference_transform(args.transforms))
+    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+    dataset = PILDataset(hwc, labels.tolist(), reference_transform(args.transforms))
     reference = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers)
 
     sampler = ShardedEpochSampler(args.num_images, args.batch_size, shuffle=True, seed=args.seed)
@@ -143,25 +157,18 @@ def main() -> None:
     )
 
     warm_up(reference, lambda batch: batch, args.warmup)
-    ref_epochs = [time_epoch(reference, lambda batch: batch, args.warmup) for _ in range(args.repeats)]
     warm_up(fast, fast_step, args.warmup)
-    fast_epochs = []
-    for epoch in range(args.repeats):
+    ref_epochs, fast_epochs = [], []
+    for epoch in range(args.repeats):  # interleaved, so both paths see the same background load
+        ref_epochs.append(time_epoch(reference, lambda batch: batch, args.warmup))
         sampler.set_epoch(epoch)
         fast_epochs.append(time_epoch(fast, fast_step, args.warmup))
 
     header = f"{'path':<34} {'epoch s':>8} {'img/s':>10} {'img/s min-max':>18} {'1st batch s':>12} {'steady img/s':>13}"
     print(header)
     print("-" * len(header))
-    rates = {}
-    for name, epochs in ((f"reference (torchvision {args.transforms}, PIL)", ref_epochs), (f"fast ({device})", fast_epochs)):
-        seconds = statistics.median(e.seconds for e in epochs)
-        spread = f"{args.num_images / max(e.seconds for e in epochs):,.0f}-{args.num_images / min(e.seconds for e in epochs):,.0f}"
-        steady = statistics.median(e.steady_images / e.steady_seconds for e in epochs)
-        first = statistics.median(e.first_batch for e in epochs)
-        rates[name] = (args.num_images / seconds, steady)
-        print(f"{name:<34} {seconds:>8.3f} {args.num_images / seconds:>10,.0f} {spread:>18} {first:>12.3f} {steady:>13,.0f}")
-    (ref_rate, ref_steady), (fast_rate, fast_steady) = rates.values()
+    ref_rate, ref_steady = report(f"reference (torchvision {args.transforms}, PIL)", ref_epochs)
+    fast_rate, fast_steady = report(f"fast ({device})", fast_epochs)
     speedup = fast_rate / ref_rate
     print(
         f"\nspeedup = fast / reference: {speedup:.1f}x per epoch (steady state {fast_steady / ref_steady:.1f}x); "

@@ -12,9 +12,8 @@ The files are Python pickles: only point ``data_dir`` at files you trust.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -132,45 +131,8 @@ class CIFAR10LTDataModule(CIFAR10DataModule):
 
     name: ClassVar[str] = "cifar10_lt"
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 4,
-        horizontal_flip: bool = True,
-        cutout_size: int = 0,
-        imbalance_factor: float = 100.0,
-        samples_per_class: int | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-        )
+    def __init__(self, imbalance_factor: float = 100.0, **kwargs: Any) -> None:
+        super().__init__(imbalance_factor=imbalance_factor, **kwargs)
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -189,50 +151,12 @@ class CIFAR100DataModule(_CIFARDataModule):
     std = (0.2673, 0.2564, 0.2762)
     torchvision_dataset: ClassVar[type[CIFAR10]] = CIFAR100
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 4,
-        horizontal_flip: bool = True,
-        cutout_size: int = 0,
-        imbalance_factor: float = 1.0,
-        samples_per_class: int | None = None,
-        label_type: Literal["fine", "coarse"] = "fine",
-    ) -> None:
+    def __init__(self, label_type: Literal["fine", "coarse"] = "fine", **kwargs: Any) -> None:
         if label_type not in ("fine", "coarse"):
             raise ValueError(f"label_type must be 'fine' or 'coarse', got {label_type!r}")
         self.label_type = label_type
         self.num_classes = 100 if label_type == "fine" else 20
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-        )
+        super().__init__(**kwargs)
 
     def label_key(self) -> bytes:
         return b"fine_labels" if self.label_type == "fine" else b"coarse_labels"
@@ -248,44 +172,5 @@ class CIFAR100LTDataModule(CIFAR100DataModule):
 
     name: ClassVar[str] = "cifar100_lt"
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 4,
-        horizontal_flip: bool = True,
-        cutout_size: int = 0,
-        imbalance_factor: float = 100.0,
-        samples_per_class: int | None = None,
-        label_type: Literal["fine", "coarse"] = "fine",
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-            label_type=label_type,
-        )
+    def __init__(self, imbalance_factor: float = 100.0, **kwargs: Any) -> None:
+        super().__init__(imbalance_factor=imbalance_factor, **kwargs)

@@ -6,9 +6,7 @@ Needs scikit-learn (``pip install lit-methods[sklearn]``); the data ships with i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,48 +50,12 @@ class DigitsDataModule(InMemoryVisionDataModule):
     std = (0.3759,)
 
     def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 1,
-        horizontal_flip: bool = False,
-        cutout_size: int = 0,
-        imbalance_factor: float = 1.0,
-        samples_per_class: int | None = None,
-        test_fraction: float = 0.25,
+        self, crop_padding: int = 1, horizontal_flip: bool = False, test_fraction: float = 0.25, **kwargs: Any
     ) -> None:
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-        )
+        super().__init__(crop_padding=crop_padding, horizontal_flip=horizontal_flip, **kwargs)
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         from sklearn.model_selection import train_test_split

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -98,45 +97,8 @@ class FashionMNISTDataModule(InMemoryVisionDataModule):
     system_dir: ClassVar[Path | None] = Path("/usr/share/datasets/fashion-mnist")
     """Last folder searched for the files (``None``: none)."""
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 2,
-        horizontal_flip: bool = True,
-        cutout_size: int = 0,
-        imbalance_factor: float = 1.0,
-        samples_per_class: int | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-        )
+    def __init__(self, crop_padding: int = 2, **kwargs: Any) -> None:
+        super().__init__(crop_padding=crop_padding, **kwargs)
 
     def search_dirs(self) -> list[Path]:
         """The folders searched for the IDX files, in order."""

@@ -162,13 +162,13 @@ class BatchAugment:
         self.generator = torch.Generator().manual_seed(seed)
 
     def normalize(self, images: Tensor) -> Tensor:
-        """``uint8`` (or [0, 255] float) images to normalized ``float32``."""
+        """``uint8`` (or [0, 255] float) images to normalized ``float32``, in a new tensor."""
         if images.shape[1] != len(self.mean):
             raise ValueError(f"images have {images.shape[1]} channels but mean/std have {len(self.mean)}")
         shape = (1, -1, 1, 1)
         scale = torch.tensor(self.std, device=images.device).mul_(255.0).view(shape)
         shift = torch.tensor(self.mean, device=images.device).mul_(255.0).view(shape)
-        return (images.float() - shift) / scale
+        return images.to(torch.float32, copy=True).sub_(shift).div_(scale)
 
     def draw(self, batch_size: int, height: int, width: int) -> dict[str, Tensor]:
         """Random parameters for one batch, drawn on the CPU generator (same order on every device)."""
@@ -184,16 +184,23 @@ class BatchAugment:
         return params
 
     def __call__(self, images: Tensor) -> Tensor:
-        """Augment and normalize a ``(N, C, H, W)`` batch; returns ``float32`` on the same device."""
+        """Augment and normalize a ``(N, C, H, W)`` batch; returns a new ``float32`` tensor on the same device."""
         n, _, h, w = images.shape
-        params = {k: v.to(images.device, non_blocking=True) for k, v in self.draw(n, h, w).items()}
+        params = self.draw(n, h, w)
+        device = images.device
         if self.crop_padding:
-            images = random_crop(images, params["dy"], params["dx"], self.crop_padding)
+            dy, dx = params["dy"].to(device, non_blocking=True), params["dx"].to(device, non_blocking=True)
+            images = random_crop(images, dy, dx, self.crop_padding)
         if self.horizontal_flip:
-            images = torch.where(params["flip"].view(-1, 1, 1, 1), images.flip(3), images)
+            if not self.crop_padding:
+                images = images.clone()  # the flip below writes in place, never into the caller's batch
+            # the mask is indexed on the CPU, so a GPU batch needs no device-to-host sync
+            flipped = params["flip"].nonzero().squeeze(1).to(device, non_blocking=True)
+            images[flipped] = images[flipped].flip(3)
         out = self.normalize(images)
         if self.cutout_size:
-            out = cutout(out, params["cy"], params["cx"], self.cutout_size)
+            cy, cx = params["cy"].to(device, non_blocking=True), params["cx"].to(device, non_blocking=True)
+            out = cutout(out, cy, cx, self.cutout_size)
         return out
 
 

@@ -124,36 +124,9 @@ class ImageNetDataModule(VisionDataModule):
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        image_size: int = 224,
-        class_list: str | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-        )
-        if download:
+    def __init__(self, image_size: int = 224, class_list: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.download:
             raise ValueError(f"download=True is not supported: {_IMAGENET_LAYOUT}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -254,39 +227,10 @@ class ImageNet100DataModule(ImageNetDataModule):
     name: ClassVar[str] = "imagenet100"
     num_classes: int = 100
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        image_size: int = 224,
-        class_list: str | None = None,
-    ) -> None:
+    def __init__(self, class_list: str | None = None, **kwargs: Any) -> None:
         if class_list is None:
             raise ValueError("ImageNet100DataModule needs class_list: a file with the 100 wnids of the subset")
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            image_size=image_size,
-            class_list=class_list,
-        )
+        super().__init__(class_list=class_list, **kwargs)
         if self.num_classes != 100:
             raise ValueError(f"ImageNet-100 needs 100 classes but class_list {class_list} lists {self.num_classes}")
 
@@ -330,45 +274,8 @@ class TinyImageNetDataModule(InMemoryVisionDataModule):
     url: ClassVar[str] = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
     md5: ClassVar[str] = "90528d7ca1a48142e341f4ef8d21d0de"
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 8,
-        horizontal_flip: bool = True,
-        cutout_size: int = 0,
-        imbalance_factor: float = 1.0,
-        samples_per_class: int | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-        )
+    def __init__(self, crop_padding: int = 8, **kwargs: Any) -> None:
+        super().__init__(crop_padding=crop_padding, **kwargs)
 
     @property
     def root(self) -> Path:
@@ -451,54 +358,16 @@ class DownsampledImageNetDataModule(InMemoryVisionDataModule):
     std: tuple[float, ...] = IMAGENET_STD
     num_train_batches: ClassVar[int] = 10
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        val_split: int | float = 0,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        train_transforms: Callable | None = None,
-        val_transforms: Callable | None = None,
-        fast_loader: bool = True,
-        crop_padding: int = 4,
-        horizontal_flip: bool = True,
-        cutout_size: int = 0,
-        imbalance_factor: float = 1.0,
-        samples_per_class: int | None = None,
-        resolution: Literal[16, 32, 64] = 32,
-    ) -> None:
+    def __init__(self, resolution: Literal[16, 32, 64] = 32, **kwargs: Any) -> None:
         if resolution not in (16, 32, 64):
             raise ValueError(f"resolution must be 16, 32 or 64, got {resolution!r}")
-        if download:
+        if kwargs.get("download"):
             raise ValueError(
                 "download=True is not supported: the downsampled ImageNet files need a login at https://image-net.org "
                 f"(Downloads > Download downsampled images); unzip Imagenet{resolution}_train_npz.zip and "
-                f"Imagenet{resolution}_val_npz.zip into {data_dir}"
+                f"Imagenet{resolution}_val_npz.zip into {kwargs.get('data_dir', 'data')}"
             )
-        super().__init__(
-            data_dir=data_dir,
-            val_split=val_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            download=download,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            train_transforms=train_transforms,
-            val_transforms=val_transforms,
-            fast_loader=fast_loader,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            cutout_size=cutout_size,
-            imbalance_factor=imbalance_factor,
-            samples_per_class=samples_per_class,
-        )
+        super().__init__(**kwargs)
         self.resolution = resolution
         self.image_size = (resolution, resolution)
 

@@ -24,12 +24,15 @@ def advanced_indexing_crop(images: Tensor, dy: Tensor, dx: Tensor, padding: int)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-@pytest.mark.parametrize(("n", "c", "h", "w", "padding"), [(1, 1, 5, 7, 1), (37, 3, 32, 32, 4), (512, 3, 32, 32, 4), (9, 2, 8, 6, 3)])
+@pytest.mark.parametrize(
+    ("n", "c", "h", "w", "padding"), [(1, 1, 5, 7, 1), (37, 3, 32, 32, 4), (512, 3, 32, 32, 4), (9, 2, 8, 6, 3)]
+)
 def test_random_crop_is_bit_identical_to_advanced_indexing(
     device: str, dtype: torch.dtype, n: int, c: int, h: int, w: int, padding: int
 ) -> None:
     g = torch.Generator().manual_seed(n * 1000 + padding)
-    images = (torch.randint(0, 256, (n, c, h, w), generator=g) if dtype == torch.uint8 else torch.randn(n, c, h, w, generator=g))
+    shape = (n, c, h, w)
+    images = torch.randint(0, 256, shape, generator=g) if dtype == torch.uint8 else torch.randn(shape, generator=g)
     images = images.to(device=device, dtype=dtype)
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(device)
