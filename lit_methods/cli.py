@@ -33,6 +33,7 @@ __all__ = ["DATA_FACTS", "LitMethodsCLI", "SaveAndLogConfig", "main", "redact_na
 DATA_FACTS = ("num_classes", "in_channels", "image_size")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 REDACTED = "<redacted>"
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
 
 
 def redact_secrets(value: Any) -> Any:
@@ -91,12 +92,16 @@ class SaveAndLogConfig(SaveConfigCallback):
 
 
 class LitMethodsCLI(LightningCLI):
-    """LightningCLI in subclass mode for models and datamodules, with data facts filled into the model config."""
+    """LightningCLI in subclass mode for models and datamodules, with data facts filled into the model config.
+
+    Logs go to CSV files under ``logs/`` unless the config names another logger (or ``--trainer.logger=false``).
+    """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", SaveAndLogConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
         super().__init__(
             LightningModule,
             LightningDataModule,

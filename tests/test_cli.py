@@ -178,3 +178,10 @@ def test_sweep_run_fits_and_pushes_the_config_to_offline_wandb(in_tmp_dir, monke
     run_files = [p for p in files if "offline-run" in str(p)]
     # trainer settings reach wandb only through the full-config push (model hyper-parameters are logged anyway)
     assert any(b"limit_val_batches" in p.read_bytes() for p in run_files), "the config did not reach the wandb run"
+
+
+def test_runs_log_to_csv_by_default(in_tmp_dir):
+    main(["fit", "--model=lit_methods.ImageClassifier", *TINY_CONVNET, *DIGITS, *CPU, *TINY_FIT])
+    (metrics,) = (in_tmp_dir / "logs").rglob("metrics.csv")
+    assert "train/loss" in metrics.read_text().splitlines()[0]
+    assert (metrics.parent / "config.yaml").is_file()
