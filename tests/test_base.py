@@ -80,6 +80,15 @@ def test_norm_and_bias_parameters_can_skip_weight_decay():
     assert len(everything["params"]) == len(list(net.parameters()))
 
 
+def test_predict_step_returns_class_probabilities():
+    torch.manual_seed(0)
+    model = ImageClassifier(tiny_net()).eval()
+    x = torch.randn(5, 1, 8, 8)
+    probabilities = model.predict_step((x, torch.zeros(5, dtype=torch.long)), 0)
+    torch.testing.assert_close(probabilities, model(x).softmax(1))
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(5))
+
+
 def test_channels_last_gives_the_same_outputs():
     torch.manual_seed(0)
     net = tiny_net().eval()
