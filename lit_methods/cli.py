@@ -7,7 +7,8 @@ the package.
 
 Data facts are written into the model's config before anything is built: ``num_classes``, ``in_channels`` and
 ``image_size`` of the datamodule fill the parameters of the same names of the model and of every module given by
-``class_path`` among the model's arguments (the backbone), wherever the constructor accepts them. Because they are
+``class_path`` among the model's arguments (the backbone), wherever the constructor accepts them. An explicit value
+that disagrees with the data is an error. Because they are
 filled into the config (not linked at instantiation), the saved ``config.yaml`` and the checkpoint's
 hyper-parameters hold them, and ``load_from_checkpoint`` rebuilds the model without the datamodule.
 """
@@ -28,7 +29,7 @@ from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["DATA_FACTS", "LitMethodsCLI", "SaveAndLogConfig", "main", "redact_namespace", "redact_secrets", "resolve_config_path"]
+__all__ = ["DATA_FACTS", "LitMethodsCLI", "SaveAndLogConfig", "fill_data_facts", "main", "redact_namespace", "redact_secrets", "resolve_config_path"]
 
 DATA_FACTS = ("num_classes", "in_channels", "image_size")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
@@ -61,18 +62,29 @@ def _import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), name)
 
 
-def _accepted_parameters(cls: type) -> set[str]:
-    """Constructor parameter names of ``cls`` (following ``**kwargs`` into the base classes)."""
-    names: set[str] = set()
+def _parameter_defaults(cls: type) -> dict[str, Any]:
+    """Constructor parameters of ``cls`` and their defaults, following ``**kwargs`` into the base classes."""
+    defaults: dict[str, Any] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         params = inspect.signature(init).parameters.values()
-        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self":
+                defaults.setdefault(p.name, p.default)
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
-    return names
+    return defaults
+
+
+def _as_fact(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _square(size: Any) -> Any:
+    """An image size given as one int means a square image."""
+    return (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
 
 
 class SaveAndLogConfig(SaveConfigCallback):
@@ -142,12 +154,21 @@ def fill_data_facts(config: Namespace) -> None:
     init_args = config.model.get("init_args") or Namespace()
     targets += [v for v in vars(init_args).values() if isinstance(v, Namespace) and "class_path" in v]
     for target in targets:
-        accepted = _accepted_parameters(_import_class(target.class_path))
+        defaults = _parameter_defaults(_import_class(target.class_path))
         if target.get("init_args") is None:
             target.init_args = Namespace()
         for name, value in facts.items():
-            if name in accepted:
-                target.init_args[name] = value
+            if name not in defaults:
+                continue
+            given, default = target.init_args.get(name), defaults[name]
+            if name == "image_size":
+                given, default = _square(given), _square(default)
+            if given is not None and _as_fact(given) not in (_as_fact(default), _as_fact(value)):
+                raise ValueError(
+                    f"{target.class_path} was given {name}={given!r} but the datamodule has {name}={value!r}; "
+                    f"leave {name} out: the CLI fills it from the data"
+                )
+            target.init_args[name] = value
 
 
 def resolve_config_path(path: str) -> str:

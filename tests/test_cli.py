@@ -185,3 +185,11 @@ def test_runs_log_to_csv_by_default(in_tmp_dir):
     (metrics,) = (in_tmp_dir / "logs").rglob("metrics.csv")
     assert "train/acc" in metrics.read_text().splitlines()[0]
     assert (metrics.parent / "config.yaml").is_file()
+
+
+def test_an_explicit_data_fact_that_disagrees_with_the_data_is_an_error(in_tmp_dir):
+    with pytest.raises(ValueError, match="num_classes=7 but the datamodule has num_classes=10"):
+        LitMethodsCLI(args=["--config", QUICKSTART, *CPU, "--model.backbone.num_classes=7"], run=False)
+    # agreeing values (an int image size for a square image) are accepted
+    cli = LitMethodsCLI(args=["--config", QUICKSTART, *CPU, "--model.backbone.image_size=28"], run=False)
+    assert cli.model.backbone.image_size == (28, 28)
