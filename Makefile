@@ -6,7 +6,7 @@ setup:
 
 # Train the baseline on Fashion-MNIST (real data, offline) and print its test accuracy.
 quickstart: setup
-	lit-methods fit --config experiments/quickstart.yaml
+	python3 -m lit_methods fit --config experiments/quickstart.yaml
 
 # The whole test suite (wandb disabled; no network, no GPU needed).
 test: setup
