@@ -247,13 +247,18 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.robustness.PubDef",
         ),
-        _entry(
+        MethodEntry(
             "multi-sample-dropout",
             "Multi-Sample Dropout for Accelerated Training and Better Generalization",
             _ARXIV + "1905.09788",
             "regularization",
             "module",
-            "lit_methods.supervised.MultiSampleDropout",
+            "lit_methods.supervised.MultiSampleDropoutClassifier",
+            (
+                "experiments/multi-sample-dropout/multi-sample-dropout_vgg16_cifar10.yaml",
+                "experiments/multi-sample-dropout/multi-sample-dropout_convnet_fashion_mnist.yaml",
+            ),
+            "available",
         ),
         _entry(
             "sparse-then-prune",

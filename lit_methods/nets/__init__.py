@@ -11,6 +11,7 @@ from __future__ import annotations
 from .adapters import TimmModel, TorchvisionModel
 from .base import Backbone
 from .convnet import ConvNet
+from .multi_sample_dropout import MultiSampleDropoutHead
 from .registry import NETS, create_net, list_nets, register_net
 from .resnet_cifar import CifarResNet, ResNet18, ResNet34, ResNet50
 from .resnet_he import HeResNet, ResNet20, ResNet32, ResNet56
@@ -31,6 +32,7 @@ __all__ = [
     "CifarResNet",
     "ConvNet",
     "HeResNet",
+    "MultiSampleDropoutHead",
     "ResNet18",
     "ResNet20",
     "ResNet32",

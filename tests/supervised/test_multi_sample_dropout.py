@@ -1,0 +1,110 @@
+"""Multi-sample dropout: M=1 is plain dropout, the loss is the mean of the per-copy losses, variance shrinks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_methods.nets import ConvNet, MultiSampleDropoutHead
+from lit_methods.supervised import MultiSampleDropoutClassifier, multi_sample_loss
+
+
+def test_one_sample_is_ordinary_dropout():
+    head = nn.Linear(16, 5)
+    features = torch.randn(4, 16)
+    torch.manual_seed(3)
+    ours = MultiSampleDropoutHead(head, num_samples=1, p=0.3)(features)
+    torch.manual_seed(3)
+    reference = head(F.dropout(features, 0.3, training=True))
+    assert ours.shape == (1, 4, 5)
+    torch.testing.assert_close(ours[0], reference)
+
+
+def test_copies_have_independent_masks_and_share_the_head():
+    features = torch.ones(3, 64)
+    dropped = MultiSampleDropoutHead(nn.Identity(), num_samples=4, p=0.5)(features)
+    masks = dropped != 0
+    assert all(not torch.equal(masks[0], masks[m]) for m in range(1, 4))
+    assert torch.equal(dropped[masks], torch.full_like(dropped[masks], 2.0))  # inverted-dropout scaling 1 / (1 - p)
+
+
+def test_evaluation_is_one_pass_independent_of_the_number_of_samples():
+    head = nn.Linear(8, 3)
+    features = torch.randn(5, 8)
+    for num_samples in (1, 8):
+        out = MultiSampleDropoutHead(head, num_samples=num_samples, p=0.5).eval()(features)
+        torch.testing.assert_close(out, head(features))
+
+
+def test_per_copy_dropout_rates():
+    dropped = MultiSampleDropoutHead(nn.Identity(), num_samples=2, p=[0.0, 0.75])(torch.ones(200, 100))
+    assert torch.equal(dropped[0], torch.ones(200, 100))
+    assert (dropped[1] == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert torch.equal(dropped[1][dropped[1] != 0], torch.full_like(dropped[1][dropped[1] != 0], 4.0))
+
+
+def test_loss_is_the_mean_of_the_per_copy_losses_not_the_loss_of_the_mean():
+    logits, targets = torch.randn(4, 6, 3) * 3, torch.randint(0, 3, (6,))
+    loss = multi_sample_loss(logits, targets, F.cross_entropy)
+    torch.testing.assert_close(loss, torch.stack([F.cross_entropy(c, targets) for c in logits]).mean())
+    assert not torch.isclose(loss, F.cross_entropy(logits.mean(0), targets))
+
+
+def _classifier(num_samples: int) -> MultiSampleDropoutClassifier:
+    torch.manual_seed(0)
+    net = ConvNet(num_classes=10, in_channels=1, depth=2, width=8, image_size=8)
+    return MultiSampleDropoutClassifier(net, num_samples=num_samples, dropout=0.5)
+
+
+def test_training_loss_equals_separately_computed_losses_under_the_same_masks():
+    model = _classifier(num_samples=4).train()
+    images, targets = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    features = model.backbone.forward_features(images)
+    torch.manual_seed(11)
+    loss, _, _ = model.shared_step((images, targets), "train")
+    # the same seed gives the same four masks: recover them with an identity head
+    torch.manual_seed(11)
+    model.backbone.forward_features(images)  # the trunk draws no random numbers (ConvNet has no dropout)
+    dropped = MultiSampleDropoutHead(nn.Identity(), num_samples=4, p=0.5)(features)
+    separate = [F.cross_entropy(model.backbone.fc(dropped[m]), targets) for m in range(4)]
+    torch.testing.assert_close(loss, torch.stack(separate).mean())
+
+
+def test_evaluation_matches_the_backbone():
+    model = _classifier(num_samples=8).eval()
+    images = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(model(images), model.backbone(images))
+
+
+def _head_gradient_variance(num_samples: int, draws: int = 200) -> float:
+    torch.manual_seed(0)
+    head = nn.Linear(32, 4)
+    features, targets = torch.randn(8, 32), torch.randint(0, 4, (8,))
+    msd = MultiSampleDropoutHead(head, num_samples=num_samples, p=0.5)
+    grads = []
+    for _ in range(draws):
+        head.zero_grad()
+        multi_sample_loss(msd(features), targets, F.cross_entropy).backward()
+        grads.append(head.weight.grad.flatten().clone())
+    return torch.stack(grads).var(0).mean().item()
+
+
+def test_gradient_variance_over_masks_shrinks_with_more_samples():
+    """With M independent masks the head's gradient variance is about 1/M of single dropout (card §4 check d)."""
+    assert _head_gradient_variance(8) < 0.25 * _head_gradient_variance(1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(num_samples=0), "num_samples.*0"), (dict(p=1.0), r"\[0, 1\).*1.0"), (dict(num_samples=2, p=[0.1]), "1 prob")],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiSampleDropoutHead(nn.Linear(2, 2), **kwargs)
+
+
+def test_a_backbone_without_features_and_fc_is_rejected():
+    with pytest.raises(ValueError, match="Sequential has no forward_features"):
+        MultiSampleDropoutClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10)
