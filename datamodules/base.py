@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
 from datamodules.subsets import long_tailed_indices, per_class_subset_indices
-from datamodules.transforms import build_eval_transforms, build_train_transforms
+from datamodules.transforms import build_eval_transforms, build_train_transforms, randaugment
 
 __all__ = ["ArrayImageDataset", "InMemoryVisionDataModule", "VisionDataModule", "split_indices"]
 
@@ -175,6 +175,10 @@ class InMemoryVisionDataModule(VisionDataModule):
         imbalance_factor: long-tailed training split (Cao et al., LDAM, arXiv:1906.07413): class ``i`` keeps
             ``n_max * imbalance_factor ** (-i / (C - 1))`` images; 1 keeps the split balanced.
         samples_per_class: keep this many training images per class, drawn with ``seed``.
+        randaugment_num_ops: RandAugment's N (0: off), applied after crop and flip, before normalization and
+            Cutout (Cubuk et al. 2020, arXiv:1909.13719). It transforms each image on its own, so it needs
+            ``fast_loader=False`` (the fast path augments whole batches and rejects it).
+        randaugment_magnitude: RandAugment's M on the paper's 0-10 scale.
         The other arguments are those of :class:`VisionDataModule`.
     """
 
@@ -197,6 +201,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         cutout_size: int = 0,
         imbalance_factor: float = 1.0,
         samples_per_class: int | None = None,
+        randaugment_num_ops: int = 0,
+        randaugment_magnitude: int = 9,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -213,6 +219,12 @@ class InMemoryVisionDataModule(VisionDataModule):
         )
         if fast_loader and (train_transforms is not None or val_transforms is not None):
             raise ValueError("custom train_transforms/val_transforms need fast_loader=False (torchvision path)")
+        if fast_loader and randaugment_num_ops:
+            raise ValueError(
+                f"randaugment_num_ops={randaugment_num_ops}: RandAugment runs per image in the torchvision path, "
+                "set fast_loader=False"
+            )
+        randaugment(randaugment_num_ops, randaugment_magnitude)  # validates both values
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if cutout_size < 0:
@@ -231,6 +243,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.cutout_size = cutout_size
         self.imbalance_factor = imbalance_factor
         self.samples_per_class = samples_per_class
+        self.randaugment_num_ops = randaugment_num_ops
+        self.randaugment_magnitude = randaugment_magnitude
         self.augment = BatchAugment(self.mean, self.std, crop_padding, horizontal_flip, cutout_size, seed)
         self._augment_epoch: int | None = None
         self.train_images: Tensor | None = None
@@ -284,7 +298,14 @@ class InMemoryVisionDataModule(VisionDataModule):
 
     def default_train_transforms(self) -> Callable:
         return build_train_transforms(
-            self.mean, self.std, self.image_size, self.crop_padding, self.horizontal_flip, self.cutout_size
+            self.mean,
+            self.std,
+            self.image_size,
+            self.crop_padding,
+            self.horizontal_flip,
+            self.cutout_size,
+            self.randaugment_num_ops,
+            self.randaugment_magnitude,
         )
 
     def _loader(self, images: Tensor | None, labels: Tensor | None, train: bool) -> Any:

@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 from datamodules.fast import cutout
 
-__all__ = ["Cutout", "build_eval_transforms", "build_train_transforms"]
+__all__ = ["PAPER_MAGNITUDE_LEVELS", "Cutout", "build_eval_transforms", "build_train_transforms", "randaugment"]
 
 
 class Cutout(nn.Module):
@@ -33,6 +33,23 @@ class Cutout(nn.Module):
         return cutout(image.unsqueeze(0), cy, cx, self.size).squeeze(0)
 
 
+PAPER_MAGNITUDE_LEVELS = 10
+"""RandAugment's magnitude scale in the paper: M in [0, 10], a fraction M / 10 of each op's maximum."""
+
+
+def randaugment(num_ops: int, magnitude: int) -> v2.RandAugment:
+    """RandAugment (Cubuk et al. 2020, arXiv:1909.13719) with the paper's 0-10 magnitude scale.
+
+    torchvision's ``RandAugment`` maps ``magnitude`` to ``linspace(0, max, num_magnitude_bins)[magnitude]``; 11 bins
+    make its M the paper's M (the default 31 bins would make M = 9 a third of the paper's strength).
+    """
+    if num_ops < 0:
+        raise ValueError(f"RandAugment num_ops must be >= 0, got {num_ops}")
+    if not 0 <= magnitude <= PAPER_MAGNITUDE_LEVELS:
+        raise ValueError(f"RandAugment magnitude must lie in [0, {PAPER_MAGNITUDE_LEVELS}] (paper scale), got {magnitude}")
+    return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=PAPER_MAGNITUDE_LEVELS + 1)
+
+
 def build_train_transforms(
     mean: Sequence[float],
     std: Sequence[float],
@@ -40,13 +57,19 @@ def build_train_transforms(
     crop_padding: int = 4,
     horizontal_flip: bool = True,
     cutout_size: int = 0,
+    randaugment_num_ops: int = 0,
+    randaugment_magnitude: int = 9,
 ) -> Callable:
-    """PIL image -> normalized float tensor with the same random ops as :class:`~datamodules.fast.BatchAugment`."""
+    """PIL image -> normalized float tensor: crop, flip, then RandAugment on the image (``randaugment_num_ops`` > 0),
+    then normalization and Cutout, the CIFAR order of AutoAugment/RandAugment. Without RandAugment the random ops are
+    those of :class:`~datamodules.fast.BatchAugment`, with the same distribution."""
     ops: list[Callable] = []
     if crop_padding:
         ops.append(v2.RandomCrop(image_size, padding=crop_padding, fill=0))
     if horizontal_flip:
         ops.append(v2.RandomHorizontalFlip())
+    if randaugment_num_ops:
+        ops.append(randaugment(randaugment_num_ops, randaugment_magnitude))
     ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if cutout_size:
         ops.append(Cutout(cutout_size))

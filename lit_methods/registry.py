@@ -119,13 +119,15 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.distillation.TESLA",
         ),
-        _entry(
+        MethodEntry(
             "randaugment",
             "RandAugment: Practical automated data augmentation with a reduced search space",
             _ARXIV + "1909.13719",
             "augmentation",
             "transform",
-            "datamodules.transforms.RandAugment",
+            "datamodules.transforms.randaugment",
+            ("experiments/randaugment/randaugment_wrn28_10_cifar10.yaml", "experiments/sweeps/randaugment_n_m.yaml"),
+            "available",
         ),
         _entry(
             "spectformer",
