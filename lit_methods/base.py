@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 __all__ = ["ImageClassifier", "parameter_groups"]
 
+_PLAIN_HPARAM_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
@@ -83,10 +84,11 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # Objects given in Python are not kept with the hyper-parameters (checkpoints must load with
-        # weights_only=True): pass them again to load_from_checkpoint. From the CLI these hold their config.
-        for name in ("backbone", "optimizer", "lr_scheduler"):
-            if self.hparams.get(name) is not None and not isinstance(self.hparams[name], dict):
+        # Objects given in Python (a backbone, an optimizer factory) are not kept with the hyper-parameters, so
+        # checkpoints load with weights_only=True: pass them again to load_from_checkpoint. From the CLI these
+        # arguments hold their config (a dict) and stay.
+        for name, value in list(self.hparams.items()):
+            if not isinstance(value, _PLAIN_HPARAM_TYPES):
                 del self.hparams[name]
         if num_classes is None:
             num_classes = getattr(backbone, "num_classes", None)

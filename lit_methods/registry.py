@@ -278,13 +278,15 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.supervised.HardBatches",
         ),
-        _entry(
+        MethodEntry(
             "bd-kd",
             "BD-KD: Balancing the Divergences for Online Knowledge Distillation",
             _ARXIV + "2212.12965",
             "knowledge distillation",
             "module",
-            "lit_methods.distillation.BDKD",
+            "lit_methods.knowledge_distillation.BDKD",
+            ("experiments/bd-kd/bd-kd_resnet56_resnet20_cifar100.yaml",),
+            "available",
         ),
         _entry(
             "kdgqa",
