@@ -2,6 +2,7 @@
 
 from datamodules.base import InMemoryVisionDataModule, VisionDataModule
 from datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule, CIFAR100LTDataModule
+from datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from datamodules.imagenet import (
@@ -12,8 +13,10 @@ from datamodules.imagenet import (
 )
 
 __all__ = [
+    "CIFAR100BDataModule",
     "CIFAR100DataModule",
     "CIFAR100LTDataModule",
+    "CIFAR10BDataModule",
     "CIFAR10DataModule",
     "CIFAR10LTDataModule",
     "DigitsDataModule",

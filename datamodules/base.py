@@ -143,22 +143,29 @@ class VisionDataModule(L.LightningDataModule):
 
 
 class ArrayImageDataset(Dataset):
-    """Per-sample view of a ``uint8`` ``(N, C, H, W)`` tensor as PIL images, for the torchvision path."""
+    """Per-sample view of a ``uint8`` ``(N, C, H, W)`` tensor as PIL images, for the torchvision path.
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable | None = None) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    Items are ``(image, label, *extras)``, ``extras`` being further per-sample tensors such as subgroup ids.
+    """
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, transform: Callable | None = None, extras: tuple[Tensor, ...] = ()
+    ) -> None:
+        if any(len(t) != len(images) for t in (labels, *extras)):
+            raise ValueError(f"{len(images)} images but {[len(t) for t in (labels, *extras)]} labels/extras")
         self.images = images
         self.labels = labels
         self.transform = transform
+        self.extras = extras
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         array = self.images[index].permute(1, 2, 0).numpy()
         image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        return (self.transform(image) if self.transform else image), int(self.labels[index])
+        image = self.transform(image) if self.transform else image
+        return (image, int(self.labels[index]), *(int(t[index]) for t in self.extras))
 
 
 class InMemoryVisionDataModule(VisionDataModule):
@@ -308,12 +315,14 @@ class InMemoryVisionDataModule(VisionDataModule):
             self.randaugment_magnitude,
         )
 
-    def _loader(self, images: Tensor | None, labels: Tensor | None, train: bool) -> Any:
+    def _loader(
+        self, images: Tensor | None, labels: Tensor | None, train: bool, extras: tuple[Tensor, ...] = ()
+    ) -> Any:
         if images is None or labels is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not loaded this split yet")
         if not self.fast_loader:
             transform = self.resolved_train_transforms() if train else self.resolved_val_transforms()
-            return self.make_dataloader(ArrayImageDataset(images, labels, transform), train)
+            return self.make_dataloader(ArrayImageDataset(images, labels, transform, extras), train)
         rank, world_size = self.rank_and_world_size()
         sampler = ShardedEpochSampler(
             len(labels),
@@ -324,7 +333,7 @@ class InMemoryVisionDataModule(VisionDataModule):
             rank=rank,
             world_size=world_size,
         )
-        return InMemoryBatchLoader(images, labels, sampler, pin_memory=self.pin_memory)
+        return InMemoryBatchLoader(images, labels, sampler, pin_memory=self.pin_memory, extras=extras)
 
     def train_dataloader(self) -> Any:
         return self._loader(self.train_images, self.train_labels, train=True)
@@ -346,15 +355,15 @@ class InMemoryVisionDataModule(VisionDataModule):
         The augmentation generator is re-seeded from ``(seed, rank, epoch)`` at the first training batch of every
         epoch, so each rank draws its own parameters and a run resumed at an epoch boundary continues exactly.
         """
-        images, labels = batch
+        images, *rest = batch
         if images.dtype != torch.uint8:
             return batch
         if self.trainer is None or not self.trainer.training:
-            return self.augment.normalize(images), labels
+            return self.augment.normalize(images), *rest
         epoch = self.trainer.current_epoch
         if epoch != self._augment_epoch:
             rank, _ = self.rank_and_world_size()
             seed = np.random.SeedSequence([self.seed, rank, epoch]).generate_state(1)[0]
             self.augment.generator.manual_seed(int(seed))
             self._augment_epoch = epoch
-        return self.augment(images), labels
+        return self.augment(images), *rest

@@ -90,22 +90,32 @@ class ShardedEpochSampler:
 
 
 class InMemoryBatchLoader:
-    """Iterable of ``(images, labels)`` batches gathered from in-memory tensors by a :class:`ShardedEpochSampler`.
+    """Iterable of ``(images, labels, *extras)`` batches gathered from in-memory tensors by a
+    :class:`ShardedEpochSampler`.
 
     ``images`` is typically ``uint8`` ``(N, C, H, W)``; batches are plain tensor slices (pinned when
-    ``pin_memory``), so the per-batch cost is one index gather. Like a ``DataLoader`` it exposes ``sampler`` (whose
+    ``pin_memory``), so the per-batch cost is one index gather. ``extras`` are further per-sample tensors (for
+    instance subgroup ids) gathered with the same indices. Like a ``DataLoader`` it exposes ``sampler`` (whose
     ``set_epoch`` Lightning calls) and ``batch_sampler`` (None: the sampler already yields whole batches).
     """
 
     batch_sampler = None
 
-    def __init__(self, images: Tensor, labels: Tensor, sampler: ShardedEpochSampler, pin_memory: bool = False) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        sampler: ShardedEpochSampler,
+        pin_memory: bool = False,
+        extras: tuple[Tensor, ...] = (),
+    ) -> None:
+        if any(len(t) != len(images) for t in (labels, *extras)):
+            raise ValueError(f"{len(images)} images but {[len(t) for t in (labels, *extras)]} labels/extras")
         if sampler.num_samples != len(images):
             raise ValueError(f"sampler covers {sampler.num_samples} samples but {len(images)} were given")
         self.images = images
         self.labels = labels
+        self.extras = extras
         self.sampler = sampler
         self.pin_memory = pin_memory
 
@@ -116,12 +126,10 @@ class InMemoryBatchLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         for index in self.sampler:
-            images, labels = self.images[index], self.labels[index]
-            if self.pin_memory:
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels
+            batch = tuple(t[index] for t in (self.images, self.labels, *self.extras))
+            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 
 
 class BatchAugment:

@@ -5,8 +5,8 @@
 exist relative to the working directory is looked up under ``experiments/`` and then among the configs shipped with
 the package.
 
-Data facts are written into the model's config before anything is built: ``num_classes``, ``in_channels`` and
-``image_size`` of the datamodule fill the parameters of the same names of the model and of every module given by
+Data facts are written into the model's config before anything is built: ``num_classes``, ``in_channels``,
+``image_size`` (and ``num_subgroups`` where a datamodule has subgroups) of the datamodule fill the parameters of the same names of the model and of every module given by
 ``class_path`` among the model's arguments (the backbone), wherever the constructor accepts them. An explicit value
 that disagrees with the data is an error. Because they are
 filled into the config (not linked at instantiation), the saved ``config.yaml`` and the checkpoint's
@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 __all__ = ["DATA_FACTS", "LitMethodsCLI", "SaveAndLogConfig", "fill_data_facts", "main", "redact_namespace", "redact_secrets", "resolve_config_path"]
 
-DATA_FACTS = ("num_classes", "in_channels", "image_size")
+DATA_FACTS = ("num_classes", "in_channels", "image_size", "num_subgroups")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 REDACTED = "<redacted>"
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}

@@ -1,6 +1,7 @@
 """The method registry: one entry per method, the source of ``lit-methods list`` and of the README table.
 
-``status`` is ``"available"`` once the method's module, configs and behavioural tests have landed, ``"planned"``
+``status`` is ``"available"`` once the method's module, configs and behavioural tests have landed, ``"partial"`` when
+part of the paper's contribution is usable and tested (the entry's ``note`` says what is missing), ``"planned"``
 before; ``import_path`` of a planned entry is where the method will live.
 """
 
@@ -13,7 +14,7 @@ from typing import Literal
 __all__ = ["METHODS", "MethodEntry", "format_table", "get_method", "import_method", "with_registry_table"]
 
 Kind = Literal["module", "callback", "datamodule", "transform", "backbone", "sampler", "metric", "loss"]
-Status = Literal["available", "planned"]
+Status = Literal["available", "partial", "planned"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,12 @@ class MethodEntry:
     import_path: str
     configs: tuple[str, ...] = ()
     status: Status = "planned"
+    note: str = ""
 
     @property
     def run(self) -> str:
         """How to run it: the CLI command of its first config, or how to attach it."""
-        if self.status != "available":
+        if self.status == "planned":
             return "—"
         if self.configs:
             return f"`lit-methods fit --config {self.configs[0]}`"
@@ -376,13 +378,16 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.distillation.DataDAM",
         ),
-        _entry(
+        MethodEntry(
             "subgroup-fairness",
             "Better May Not Be Fairer: Subgroup Discrepancy (CIFAR10-B, MacroStd, FlowAug)",
             _ARXIV + "2212.08649",
             "evaluation",
             "metric",
             "lit_methods.supervised.MacroStd",
+            ("experiments/subgroup-fairness/subgroup-fairness_resnet18_cifar10b.yaml",),
+            "partial",
+            "CIFAR10-B/100-B and MacroStd; FlowAug not yet",
         ),
         _entry(
             "adapt",
@@ -439,8 +444,8 @@ def get_method(slug: str) -> MethodEntry:
 def import_method(slug: str) -> object:
     """Import the class or function behind an available method."""
     entry = get_method(slug)
-    if entry.status != "available":
-        raise ImportError(f"method {slug!r} is {entry.status}, not available yet")
+    if entry.status == "planned":
+        raise ImportError(f"method {slug!r} is planned, not available yet")
     module_name, _, name = entry.import_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
 
@@ -451,7 +456,8 @@ def format_table(markdown: bool = False) -> str:
     rows = []
     for e in METHODS.values():
         paper = f"[{e.paper}]({e.url})" if (markdown and e.url) else e.paper
-        rows.append((f"`{e.slug}`" if markdown else e.slug, paper, e.family, e.run, e.status))
+        status = f"{e.status}: {e.note}" if e.note else e.status
+        rows.append((f"`{e.slug}`" if markdown else e.slug, paper, e.family, e.run, status))
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -30,7 +30,7 @@ def test_registry_has_every_method_of_the_index():
 
 
 def test_every_available_method_imports_and_has_configs():
-    available = [e for e in METHODS.values() if e.status == "available"]
+    available = [e for e in METHODS.values() if e.status != "planned"]
     assert available, "the baseline at least is available"
     for entry in available:
         assert import_method(entry.slug) is not None
