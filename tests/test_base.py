@@ -16,6 +16,7 @@ from lit_methods import ImageClassifier
 from lit_methods.base import parameter_groups
 from lit_methods.nets import ConvNet
 from tests.downstream_project.focal import FocalLossClassifier
+from tests.helpers import cpu_trainer
 
 
 def tiny_net(**kwargs) -> ConvNet:
@@ -23,18 +24,7 @@ def tiny_net(**kwargs) -> ConvNet:
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    return L.Trainer(**(defaults | kwargs))
+    return cpu_trainer(default_root_dir=tmp_path, deterministic=True, **kwargs)
 
 
 def test_loss_is_cross_entropy_with_label_smoothing():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -10,15 +9,13 @@ from datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet
 from tests.ddp_helpers import run_distributed
+from tests.helpers import cpu_trainer
 
 
 def _validate(devices: int, strategy: str) -> dict[str, float]:
     torch.manual_seed(0)
     model = ImageClassifier(ConvNet(num_classes=10, in_channels=1, depth=2, width=8, image_size=8))
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(devices=devices, strategy=strategy)
     (metrics,) = trainer.validate(model, datamodule=DigitsDataModule(batch_size=32, val_split=301), verbose=False)
     return metrics
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from datamodules import DigitsDataModule
 from lit_methods.knowledge_distillation import BDKD, BDKDLoss
 from lit_methods.nets import ConvNet
+from tests.helpers import cpu_trainer
 
 T = 4.0
 
@@ -113,10 +113,7 @@ def test_training_loss_is_both_networks_objectives_and_trains_both():
 
 def test_online_training_on_digits_logs_student_calibration(tmp_path):
     model = _module()
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(max_epochs=2, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     metrics = trainer.callback_metrics
     assert metrics["val/acc"] > 0.5 and metrics["val/teacher_acc"] > 0.5  # both nets learn (chance 0.1)

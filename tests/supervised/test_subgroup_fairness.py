@@ -3,7 +3,6 @@ classifier's test report."""
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,6 +12,7 @@ from lit_methods.nets import ConvNet
 from lit_methods.supervised import MacroStd, SubgroupClassifier
 from tests.datamodules.real_formats import write_cifar10
 from tests.ddp_helpers import init_gloo, run_distributed
+from tests.helpers import cpu_trainer
 
 C, G = 4, 3
 
@@ -145,7 +145,7 @@ def test_classifier_reports_macro_std_of_its_test_predictions(tmp_path):
     dm = CIFAR10BDataModule(data_dir=tmp_path, batch_size=32)
     torch.manual_seed(0)
     model = SubgroupClassifier(ConvNet(num_classes=10, in_channels=3, depth=2, width=4, image_size=32))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = cpu_trainer()
     (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
     model.eval()
     with torch.no_grad():
