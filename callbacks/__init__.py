@@ -1,1 +1,6 @@
 """Callbacks of lit-methods: techniques that apply to any LightningModule."""
+
+from callbacks.activating_while_pruning import ActivatingWhilePruning
+from callbacks.dead_neurons import DeadNeuronRate
+
+__all__ = ["ActivatingWhilePruning", "DeadNeuronRate"]

@@ -105,13 +105,15 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.ssl.ProjectionHeadStudy",
         ),
-        _entry(
+        MethodEntry(
             "ap",
             "AP: Selective Activation for De-sparsifying Pruned Neural Networks",
             _ARXIV + "2212.06145",
             "pruning",
             "callback",
             "callbacks.ActivatingWhilePruning",
+            ("experiments/ap/ap_resnet20_cifar10.yaml", "experiments/ap/ap_convnet_fashion_mnist.yaml"),
+            "available",
         ),
         _entry(
             "tesla",

@@ -85,11 +85,13 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
                     f"of {size} sample with one value per channel, which has no variance; use another batch size, "
                     "drop_last=True in the data loader, or another virtual_batch_size"
                 )
+        # split only a ragged batch: the backward of a slice writes a full-size zero gradient first
+        full, rest = input.split([num_full * self.virtual_batch_size, remainder]) if remainder else (input, None)
         parts = []
         if num_full:
-            parts.append(self._normalize_interleaved(input[: num_full * self.virtual_batch_size], num_full))
+            parts.append(self._normalize_interleaved(full, num_full))
         if remainder:
-            parts.append(self._normalize_interleaved(input[num_full * self.virtual_batch_size :], 1))
+            parts.append(self._normalize_interleaved(rest, 1))
         outputs = [output for output, _, _ in parts]
         if self.training and self.track_running_stats:
             self._update_running_stats(parts, batch_size)

@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .base import (
     NORMS,
@@ -50,11 +49,12 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(width, width)
         self.norm2 = make_norm(norm, width)
         self.shortcut = shortcut
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()  # modules, so hooks (dead-neuron rates) can observe them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.relu1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
@@ -72,12 +72,13 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, out_channels)
         self.norm3 = make_norm(norm, out_channels)
         self.shortcut = shortcut
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.norm1(self.conv1(x)))
-        out = F.relu(self.norm2(self.conv2(out)))
+        out = self.relu1(self.norm1(self.conv1(x)))
+        out = self.relu2(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu3(out + self.shortcut(x))
 
 
 def projection_shortcut(in_channels: int, out_channels: int, stride: int, norm: str) -> nn.Module:

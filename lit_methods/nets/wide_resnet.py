@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .base import (
     NORMS,
@@ -45,12 +44,13 @@ class WideBasicBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         reshapes = stride != 1 or in_channels != out_channels
         self.projection = conv1x1(in_channels, out_channels, stride) if reshapes else None
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()  # modules, so hooks (dead-neuron rates) can observe them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = F.relu(self.norm1(x))
+        activated = self.relu1(self.norm1(x))
         residual = x if self.projection is None else self.projection(activated)
         out = self.conv1(activated)
-        out = self.conv2(self.dropout(F.relu(self.norm2(out))))
+        out = self.conv2(self.dropout(self.relu2(self.norm2(out))))
         return out + residual
 
 
@@ -100,12 +100,13 @@ class WideResNet(Backbone):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.final_norm = make_norm(norm, channels)
+        self.final_relu = nn.ReLU()
         init_conv_and_norm(self)
         self.num_features = channels
         self.reset_classifier(num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        feature_map = F.relu(self.final_norm(self.stages(self.stem(x))))
+        feature_map = self.final_relu(self.final_norm(self.stages(self.stem(x))))
         return global_avg_pool(feature_map)
 
 

@@ -1,0 +1,272 @@
+"""Activate-While-Pruning (AP) on top of iterative magnitude pruning with rewinding to the initial weights.
+
+Liu et al., "AP: Selective Activation for De-sparsifying Pruned Neural Networks", TMLR 2023,
+https://arxiv.org/abs/2212.06145. The base pruner is the lottery-ticket procedure (Frankle & Carbin 2019,
+https://arxiv.org/abs/1803.03635): train a cycle, remove the smallest-magnitude surviving weights globally, rewind the
+survivors to their initial values, repeat. AP spends a share of each cycle's budget on surviving *negative* weights
+that moved least during the cycle; removing negative inputs raises pre-activations, so fewer ReLUs are dead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from callbacks.dead_neurons import DeadNeuronRate, observe_relu_outputs
+
+__all__ = ["ActivatingWhilePruning", "select_surviving_weights"]
+
+PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _smallest(eligible: Tensor, scores: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` smallest ``scores`` among ``eligible`` entries (ties: lowest index first)."""
+    return torch.argsort(scores.masked_fill(~eligible, math.inf), stable=True)[:count]
+
+
+@torch.no_grad()
+def select_surviving_weights(
+    weights: Tensor, cycle_start: Tensor, alive: Tensor, prune_rate: float, ap_rate: float
+) -> tuple[Tensor, dict[str, int]]:
+    """One pruning step of IMP + AP on flat vectors; returns the new alive mask and the removal counts.
+
+    With ``n = alive.sum()``: ``round(prune_rate * n)`` weights are removed in all. First the base pruner removes
+    ``round(prune_rate * n) - round(ap_rate * n)`` alive weights of smallest ``|w|``; then AP removes
+    ``round(ap_rate * n)`` of the still-alive weights with ``w < 0``, those of smallest movement
+    ``|w - cycle_start|`` (the official code's order and counts). If fewer negative weights are alive, the shortfall
+    is removed by magnitude so that the schedule holds. Ties are broken by position, deterministically.
+    """
+    alive = alive.clone()
+    n_alive = int(alive.sum())
+    n_total = round(prune_rate * n_alive)
+    n_ap = round(ap_rate * n_alive)
+    magnitude = weights.abs()
+    alive[_smallest(alive, magnitude, n_total - n_ap)] = False
+    negative = alive & (weights < 0)
+    n_ap_removed = min(n_ap, int(negative.sum()))
+    alive[_smallest(negative, (weights - cycle_start).abs(), n_ap_removed)] = False
+    alive[_smallest(alive, magnitude, n_ap - n_ap_removed)] = False
+    counts = {"magnitude": n_total - n_ap, "ap": n_ap_removed, "shortfall": n_ap - n_ap_removed}
+    return alive, counts
+
+
+class ActivatingWhilePruning(Callback):
+    """Iterative global magnitude pruning with rewinding plus AP's removal of negative, least-moved weights.
+
+    Liu et al., "AP: Selective Activation for De-sparsifying Pruned Neural Networks", https://arxiv.org/abs/2212.06145.
+
+    Schedule: a cycle is ``epochs_per_cycle`` training epochs. At the start of every later cycle (before its first
+    batch, so a checkpoint written at the end of a cycle resumes into the pruning step) the callback removes
+    ``prune_rate`` of the surviving conv/linear weights (:func:`select_surviving_weights`; ``ap_rate`` of them by AP),
+    rewinds *all* parameters to their values at the start of fit (lottery-ticket rewinding; biases and norm
+    parameters included, BN running statistics kept), and clears the optimizer state (momentum), as the official
+    code builds a fresh SGD per cycle. ``ap_rate=0`` is the same pruner without AP: the baseline. Every conv/linear
+    weight is prunable, the classifier's included (as in the official code), unless named in ``exclude``.
+
+    Masked weights stay exactly zero: their gradients are zeroed before every optimizer step and the weights are
+    re-masked after every batch. The learning-rate schedule belongs to the module and is *not* restarted per cycle.
+
+    Logged each epoch: ``ap/sparsity`` (pruned share of prunable weights) and, with ``track_dead_neurons``, the
+    dynamic dead neuron rate of the ``nn.ReLU`` modules over the epoch's training batches
+    (:mod:`callbacks.dead_neurons`): ``ap/dead_neuron_rate`` (pooled) and ``ap/dead_neuron_rate_layer_mean``.
+
+    Requires of the module: conv/linear layers (``nn.Conv*d``/``nn.Linear``) and, for the DNR, ``nn.ReLU`` modules
+    (functional ``F.relu`` is not observed). Under DDP the masks are computed on every rank and rank 0's are broadcast.
+
+    Args:
+        prune_rate: share of the surviving prunable weights removed per pruning step, in (0, 1) (paper: 0.2).
+        ap_rate: share spent by AP on negative, least-moved weights, in [0, prune_rate] (paper: 0.02; 0: no AP).
+        epochs_per_cycle: training epochs per cycle (paper: 50).
+        num_prunings: pruning steps to take; ``None`` prunes at every cycle boundary until training ends.
+        exclude: names of conv/linear modules (as in ``pl_module.named_modules()``, e.g. ``"backbone.fc"``) whose
+            weights are never pruned.
+        reset_optimizer_state: clear the optimizer state at each pruning step; when False only the state entries of
+            pruned weights are zeroed.
+        track_dead_neurons: measure and log the dynamic dead neuron rate.
+    """
+
+    def __init__(
+        self,
+        *,
+        prune_rate: float = 0.2,
+        ap_rate: float = 0.02,
+        epochs_per_cycle: int = 50,
+        num_prunings: int | None = None,
+        exclude: list[str] | None = None,
+        reset_optimizer_state: bool = True,
+        track_dead_neurons: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < prune_rate < 1.0:
+            raise ValueError(f"prune_rate must lie in (0, 1), got {prune_rate}")
+        if not 0.0 <= ap_rate <= prune_rate:
+            raise ValueError(f"ap_rate must lie in [0, prune_rate={prune_rate}], got {ap_rate}")
+        if not isinstance(epochs_per_cycle, int) or epochs_per_cycle < 1:
+            raise ValueError(f"epochs_per_cycle must be an int >= 1, got {epochs_per_cycle!r}")
+        if num_prunings is not None and (not isinstance(num_prunings, int) or num_prunings < 0):
+            raise ValueError(f"num_prunings must be None or an int >= 0, got {num_prunings!r}")
+        self.prune_rate = prune_rate
+        self.ap_rate = ap_rate
+        self.epochs_per_cycle = epochs_per_cycle
+        self.num_prunings = num_prunings
+        self.exclude = list(exclude or [])
+        self.reset_optimizer_state = reset_optimizer_state
+        self.track_dead_neurons = track_dead_neurons
+        self.prunings_done = 0
+        self.masks: dict[str, Tensor] = {}
+        self.initial_params: dict[str, Tensor] = {}
+        self.cycle_start_weights: dict[str, Tensor] = {}
+        self.prunable: dict[str, nn.Parameter] = {}
+        self._dnr_metrics: list[DeadNeuronRate] = []
+        self._hooks: list[RemovableHandle] = []
+        self._observing = False
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        modules = dict(pl_module.named_modules())
+        for name in self.exclude:
+            if not isinstance(modules.get(name), PRUNABLE_TYPES):
+                module_name = type(pl_module).__name__
+                raise ValueError(f"exclude names {name!r}, which is not a conv/linear module of {module_name}")
+        self.prunable = {
+            f"{name}.weight": module.weight
+            for name, module in modules.items()
+            if isinstance(module, PRUNABLE_TYPES) and name not in self.exclude
+        }
+        if not self.prunable:
+            raise ValueError(f"{type(pl_module).__name__} has no prunable conv/linear layer (exclude={self.exclude})")
+        if self.track_dead_neurons and not self._hooks:
+            self._hooks = observe_relu_outputs(pl_module, self._observe)  # raises without nn.ReLU modules
+            num_relus = sum(isinstance(m, nn.ReLU) for m in pl_module.modules())
+            self._dnr_metrics = [DeadNeuronRate(num_relus, average) for average in ("global", "layer")]
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _observe(self, output: Tensor, layer: int) -> None:
+        if self._observing:
+            for metric in self._dnr_metrics:
+                metric.update(output, layer)
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.masks:  # a fresh run; a resumed one has its state from load_state_dict
+            self.masks = {name: torch.ones_like(weight) for name, weight in self.prunable.items()}
+            self.initial_params = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+            self.cycle_start_weights = {name: w.detach().clone() for name, w in self.prunable.items()}
+        if set(self.masks) != set(self.prunable):
+            raise ValueError(
+                f"the restored masks cover {sorted(self.masks)}, "
+                f"but the model's prunable weights are {sorted(self.prunable)}"
+            )
+        device = pl_module.device
+        for metric in self._dnr_metrics:
+            metric.to(device)
+        self.masks = {k: v.to(device) for k, v in self.masks.items()}
+        self.initial_params = {k: v.to(device) for k, v in self.initial_params.items()}
+        self.cycle_start_weights = {k: v.to(device) for k, v in self.cycle_start_weights.items()}
+        self._apply_masks()
+
+    # -- masks stay applied ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for name, weight in self.prunable.items():
+            weight.mul_(self.masks[name])
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        for name, weight in self.prunable.items():
+            if weight.grad is not None:
+                weight.grad.mul_(self.masks[name])
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._observing = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._observing = False
+        self._apply_masks()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log("ap/sparsity", self.sparsity())
+        if self._dnr_metrics:
+            global_rate, layer_mean = (metric.compute() for metric in self._dnr_metrics)
+            pl_module.log("ap/dead_neuron_rate", global_rate)
+            pl_module.log("ap/dead_neuron_rate_layer_mean", layer_mean)
+            for metric in self._dnr_metrics:
+                metric.reset()
+
+    def sparsity(self) -> float:
+        """Share of the prunable weights that are masked."""
+        total = sum(m.numel() for m in self.masks.values())
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total
+
+    # -- the pruning step -------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = trainer.current_epoch // self.epochs_per_cycle
+        if self.num_prunings is not None:
+            due = min(due, self.num_prunings)
+        if self.prunings_done < due:
+            self.prune_and_rewind(trainer, pl_module)
+
+    @torch.no_grad()
+    def prune_and_rewind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Prune (IMP + AP), broadcast rank 0's masks, rewind to the initial parameters, reset the optimizer."""
+        names = list(self.prunable)
+        alive, _ = select_surviving_weights(
+            torch.cat([self.prunable[n].flatten() for n in names]),
+            torch.cat([self.cycle_start_weights[n].flatten() for n in names]),
+            torch.cat([self.masks[n].flatten() for n in names]).bool(),
+            self.prune_rate,
+            self.ap_rate,
+        )
+        alive = trainer.strategy.broadcast(alive, src=0).to(pl_module.device)
+        for name, flat in zip(names, alive.split([self.masks[n].numel() for n in names])):
+            self.masks[name] = flat.view_as(self.masks[name]).to(self.masks[name].dtype)
+        for name, param in pl_module.named_parameters():
+            param.copy_(self.initial_params[name])
+        self._apply_masks()
+        self.cycle_start_weights = {name: w.detach().clone() for name, w in self.prunable.items()}
+        self.prunings_done += 1
+        for optimizer in trainer.optimizers:
+            self._reset_optimizer(optimizer)
+
+    def _reset_optimizer(self, optimizer: Optimizer) -> None:
+        if self.reset_optimizer_state:
+            optimizer.state.clear()
+            return
+        masks = {id(self.prunable[name]): mask for name, mask in self.masks.items()}
+        for param, state in optimizer.state.items():
+            mask = masks.get(id(param))
+            if mask is not None:
+                for value in state.values():
+                    if isinstance(value, Tensor) and value.shape == mask.shape:
+                        value.mul_(mask)
+
+    # -- checkpointing ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prunings_done": self.prunings_done,
+            "masks": self.masks,
+            "initial_params": self.initial_params,
+            "cycle_start_weights": self.cycle_start_weights,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.prunings_done = state_dict["prunings_done"]
+        self.masks = dict(state_dict["masks"])
+        self.initial_params = dict(state_dict["initial_params"])
+        self.cycle_start_weights = dict(state_dict["cycle_start_weights"])
