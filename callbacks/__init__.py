@@ -2,5 +2,6 @@
 
 from callbacks.activating_while_pruning import ActivatingWhilePruning
 from callbacks.dead_neurons import DeadNeuronRate
+from callbacks.error_feedback_dp import ErrorFeedbackDP
 
-__all__ = ["ActivatingWhilePruning", "DeadNeuronRate"]
+__all__ = ["ActivatingWhilePruning", "DeadNeuronRate", "ErrorFeedbackDP"]

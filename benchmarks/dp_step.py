@@ -1,0 +1,168 @@
+"""Step time of :class:`~callbacks.error_feedback_dp.ErrorFeedbackDP` against a non-private step and opacus.
+
+All sides train a GroupNorm ResNet-20 (``lit_methods.nets.ResNet20(norm="groupnorm")`` inside an
+``ImageClassifier``, 10 classes) with plain SGD (lr 0.1) on the same pre-generated random CIFAR-shaped batches
+(``--batch-size`` images of 3x32x32, already on the device), in hand-written loops so that only the step differs:
+
+- ``non-private``: forward, backward, ``optimizer.step()``.
+- ``ErrorFeedbackDP (as run)``: what the callback costs under the Trainer: the ordinary forward and backward that
+  Lightning runs, then ``privatized_gradients`` (torch.func per-sample gradients, clipping, error feedback, noise)
+  written into ``p.grad``, then the step. ``error_feedback`` True (DiceSGD) and False (DPSGD-GC).
+- ``ErrorFeedbackDP (no backward)``: the same without the ordinary backward (what a module with manual
+  optimization, which skips Lightning's backward, would pay).
+- ``opacus``: ``opacus.GradSampleModule`` (hook-based per-sample gradients) + ``DPOptimizer`` (clip 1, noise 1):
+  forward, backward, ``optimizer.step()``.
+
+Each round times ``--steps`` steps of every side after one untimed warm-up step, with the sides' order rotated each
+round; the median and the best step time over all rounds are printed with their ratios (on a loaded machine the
+best is the steadier figure). Goals (from the issue): ErrorFeedbackDP /
+non-private <= 1.3x, ErrorFeedbackDP / opacus <= 0.6x.
+
+Run: ``python benchmarks/dp_step.py`` (``--steps 2 --repeats 1`` for a quick check); ``--device cuda`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from callbacks.error_feedback_dp import ErrorFeedbackDP
+from lit_methods import ImageClassifier
+from lit_methods.nets import ResNet20
+
+GOAL_VS_NON_PRIVATE = 1.3
+GOAL_VS_OPACUS = 0.6
+
+
+def make_model(device: torch.device) -> ImageClassifier:
+    torch.manual_seed(0)
+    return ImageClassifier(ResNet20(norm="groupnorm")).to(device).train()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def non_private_step(
+    device: torch.device,
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    model = make_model(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.compute_loss(model(images), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def error_feedback_dp_step(
+    device: torch.device, error_feedback: bool, ordinary_backward: bool
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    model = make_model(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0, error_feedback=error_feedback)
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if ordinary_backward:
+            model.compute_loss(model(images), targets).backward()
+        update = dp.privatized_gradients(model, images, targets)
+        for name, param in model.named_parameters():
+            param.grad = update[name]
+        dp.steps += 1
+        optimizer.step()
+
+    return step
+
+
+def opacus_step(device: torch.device, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model = GradSampleModule(make_model(device).backbone)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=batch_size,
+    )
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(device),
+            torch.randint(0, 10, (args.batch_size,), generator=generator).to(device),
+        )
+        for _ in range(args.steps + 1)
+    ]
+    sides = {
+        "non-private": non_private_step(device),
+        "ErrorFeedbackDP DiceSGD (as run)": error_feedback_dp_step(device, True, True),
+        "ErrorFeedbackDP DPSGD-GC (as run)": error_feedback_dp_step(device, False, True),
+        "ErrorFeedbackDP DiceSGD (no backward)": error_feedback_dp_step(device, True, False),
+        "opacus GradSampleModule": opacus_step(device, args.batch_size),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_index in range(args.repeats):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            step = sides[name]
+            step(*batches[0])  # warm-up
+            synchronize(device)
+            for images, targets in batches[1:]:
+                start = time.perf_counter()
+                step(images, targets)
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(
+        f"GroupNorm ResNet-20, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} rounds x {args.steps} steps; load average {os.getloadavg()}"
+    )
+    print(f"{'side':40s} {'median step (s)':>16s} {'range (s)':>20s}")
+    for name, values in times.items():
+        print(f"{name:40s} {median[name]:16.4f} {min(values):9.4f}-{max(values):<9.4f}")
+    best = {name: min(values) for name, values in times.items()}
+    for label, stat in (("median", median), ("best (least disturbed by other load)", best)):
+        print(f"ratios of the {label} step times:")
+        for name in names[1:4]:
+            vs_plain = stat[name] / stat["non-private"]
+            vs_opacus = stat[name] / stat["opacus GradSampleModule"]
+            print(
+                f"  {name}: {vs_plain:.2f}x non-private (goal <= {GOAL_VS_NON_PRIVATE}x: "
+                f"{'met' if vs_plain <= GOAL_VS_NON_PRIVATE else 'NOT met'}), {vs_opacus:.2f}x opacus (goal <= "
+                f"{GOAL_VS_OPACUS}x: {'met' if vs_opacus <= GOAL_VS_OPACUS else 'NOT met'})"
+            )
+
+
+if __name__ == "__main__":
+    main()

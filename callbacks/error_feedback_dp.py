@@ -1,0 +1,433 @@
+"""Differentially private training by per-sample clipping, with DiceSGD's error feedback or as plain DP-SGD.
+
+DiceSGD: Zhang, Bu, Wu, Hong, "Differentially Private SGD Without Clipping Bias: An Error-Feedback Approach",
+ICLR 2024, https://arxiv.org/abs/2311.14632. The baseline (``error_feedback=False``) is DP-SGD with gradient
+clipping (DPSGD-GC): Abadi et al., "Deep Learning with Differential Privacy", https://arxiv.org/abs/1607.00133.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = ["ErrorFeedbackDP"]
+
+_NORM_EPS = 1e-6  # added to every norm before dividing (as opacus' clipping and the official DiceSGD code do)
+_MAX_BUDGET_STEPS = 2**40
+
+
+def _check_opacus() -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError as error:  # opacus is an optional dependency (extra "privacy")
+        raise ImportError("ErrorFeedbackDP needs opacus: pip install 'lit-methods[privacy]'") from error
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Opacus' RDP of one sub-sampled Gaussian step at the RDP accountant's default orders (cached: it is slow)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return np.asarray(
+        compute_rdp(
+            q=sample_rate,
+            noise_multiplier=noise_multiplier,
+            steps=1,
+            orders=RDPAccountant.DEFAULT_ALPHAS,
+        )
+    )
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of opacus' ``RDPAccountant`` with this ``(noise_multiplier, sample_rate, steps)`` history.
+
+    The RDP of ``steps`` identical steps is ``steps`` times that of one (what ``compute_rdp`` computes), so the
+    accountant's value is reproduced exactly from a cached per-step RDP.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    if not history:
+        return 0.0
+    rdp = sum(steps * _rdp_of_one_step(sigma, q) for sigma, q, steps in history)
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid, just loose
+        warnings.simplefilter("ignore", UserWarning)
+        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+def _clip_factor(norms: Tensor, clip_norm: float) -> Tensor:
+    """``min(1, C / (||g|| + 1e-6))``: the factor that clips ``g`` to norm ``C`` (opacus' formula)."""
+    return (clip_norm / (norms + _NORM_EPS)).clamp(max=1.0)
+
+
+class ErrorFeedbackDP(Callback):
+    """DiceSGD (per-sample clipping + clipped error feedback + Gaussian noise), or DP-SGD with gradient clipping.
+
+    Zhang et al., "Differentially Private SGD Without Clipping Bias: An Error-Feedback Approach", ICLR 2024,
+    https://arxiv.org/abs/2311.14632. Each optimizer step, with the batch's per-sample gradients ``g_i`` (``B``
+    samples over all ranks), ``C1 = clip_norm``, ``C2 = feedback_clip_norm``, ``sigma = noise_multiplier`` and
+    the error buffer ``e`` (zero at the start; norms are global over all trainable parameters)::
+
+        c = (1/B) sum_i clip(g_i, C1)                        f = clip(e, C2)             v = c + f
+        p.grad <- v + (sigma C1 / B) N(0, I) + (sigma C2 / B) N(0, I)   (the second term once e has been written)
+        e <- e + (1/B) sum_i g_i - v
+
+    and the model's optimizer steps on ``p.grad`` as usual. With ``error_feedback=False``: ``f = 0``, no second
+    noise term and no buffer, i.e. DPSGD-GC.
+
+    Contract with the LightningModule (met by :class:`lit_methods.ImageClassifier` and its subclasses): the
+    training batch is ``(inputs, targets, ...)``; ``module(inputs)`` is the forward pass and
+    ``module.compute_loss(outputs, targets)`` the *mean* loss over the batch. Per-sample gradients are
+    ``torch.func.vmap(grad(...))`` of that loss on one-sample batches (``functional_call`` over the trainable
+    parameters, buffers as they are), taken from the batch that ``training_step`` saw (captured in
+    ``on_train_batch_start``, after ``on_after_batch_transfer``). In ``on_before_optimizer_step`` every trainable
+    ``p.grad`` is overwritten with the privatized direction. This costs Lightning's ordinary backward plus the
+    per-sample pass: the ordinary gradient is discarded (a LightningModule with manual optimization could skip it).
+    ``training_step``'s returned loss must be that of the same batch; randomness (dropout) is drawn independently
+    per sample. BatchNorm mixes samples and is refused at setup: build the net with ``norm="groupnorm"``.
+
+    Sampling and accounting: epsilon comes from opacus' RDP accountant of the sub-sampled Gaussian mechanism with
+    sample rate ``q = 1 / trainer.num_training_batches`` (one batch of ``B`` out of ``N ~ num_batches * B``
+    samples), ``noise_multiplier`` and ``delta``. That analysis assumes Poisson sampling; our loaders draw
+    shuffled fixed-size batches (without replacement), for which it is the customary approximation, not a proof
+    (as in the official code and most DP-SGD papers). For DiceSGD, the paper's theorem is not implemented (its
+    constant was not available to us); following the official code's heuristic each optimizer step is counted
+    ``accountant_steps_per_step`` times (default ``max(1, floor(ln E))`` for ``E`` planned epochs), and
+    ``dp/epsilon_dpsgd`` reports the DPSGD-GC bound for comparison. Neither is the paper's bound.
+
+    ``target_epsilon`` calibrates the noise with opacus' ``get_noise_multiplier`` for the planned number of steps
+    (``trainer.estimated_stepping_batches``). Epsilon is logged every epoch (``dp/epsilon``) and checkpointed with
+    the accountant's history, the error buffer and the noise generator, so a resumed run continues exactly and
+    never resets the spent budget (nor re-calibrates the noise). With ``target_epsilon``, training stops
+    (``trainer.should_stop``) after the last step whose epsilon stays within the budget; no step ever exceeds it
+    (a step that would, e.g. forced by ``min_epochs``, raises).
+
+    Under DDP each rank clips its own samples; the clipped sums, raw sums (for the buffer) and sample counts are
+    summed over ranks with one all-reduce, and every rank draws the same noise from the callback's generator
+    (same seed and state), so the update equals the single-process update on the same global batch.
+
+    Args:
+        clip_norm: per-sample clipping threshold ``C1`` (``> 0``; ``inf`` disables clipping).
+        noise_multiplier: ``sigma``; give this or ``target_epsilon``.
+        target_epsilon: the privacy budget; the noise is calibrated to spend it over the planned steps.
+        delta: the ``delta`` of ``(epsilon, delta)``-DP, in ``(0, 1)``.
+        error_feedback: DiceSGD (``True``) or DPSGD-GC (``False``).
+        feedback_clip_norm: ``C2``, the threshold of the fed-back error; ``clip_norm`` when omitted (the paper's
+            and official code's default ``C1 = C2``).
+        accountant_steps_per_step: how many accountant steps one optimizer step counts for (see above).
+        seed: seed of the noise generator (the same on every rank).
+        chunk_size: samples per ``vmap`` chunk (bounds the memory of the per-sample gradients); all at once if None.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip_norm: float,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        error_feedback: bool = True,
+        feedback_clip_norm: float | None = None,
+        accountant_steps_per_step: int | None = None,
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+        if feedback_clip_norm is not None and not feedback_clip_norm > 0:
+            raise ValueError(f"feedback_clip_norm must be > 0, got {feedback_clip_norm}")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier and target_epsilon, got "
+                f"noise_multiplier={noise_multiplier}, target_epsilon={target_epsilon}"
+            )
+        if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+        if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+            raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
+        infinite_clip = math.isinf(clip_norm) or (feedback_clip_norm is not None and math.isinf(feedback_clip_norm))
+        if infinite_clip and noise_multiplier != 0:
+            raise ValueError(
+                f"an infinite clip norm (clip_norm={clip_norm}, feedback_clip_norm={feedback_clip_norm}) has unbounded "
+                f"sensitivity: it needs noise_multiplier=0, got noise_multiplier={noise_multiplier}, "
+                f"target_epsilon={target_epsilon}"
+            )
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {delta}")
+        if accountant_steps_per_step is not None and accountant_steps_per_step < 1:
+            raise ValueError(f"accountant_steps_per_step must be >= 1, got {accountant_steps_per_step}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.clip_norm = float(clip_norm)
+        self.feedback_clip_norm = float(feedback_clip_norm if feedback_clip_norm is not None else clip_norm)
+        self.noise_multiplier = noise_multiplier
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.error_feedback = error_feedback
+        self.accountant_steps_per_step = accountant_steps_per_step
+        self.seed = seed
+        self.chunk_size = chunk_size
+        _check_opacus()  # fail at construction when opacus is missing
+        # state (checkpointed)
+        self.sample_rate: float | None = None
+        self.steps = 0
+        self.history: list[tuple[float, float, int]] = []  # accountant history, in accountant steps
+        self.error: dict[str, Tensor] = {}
+        self._generator_state: Tensor | None = None
+        # per-run
+        self._generator: torch.Generator | None = None
+        self._batch: tuple[Tensor, Tensor] | None = None
+        self._steps_allowed: int | None = None
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for name, module in pl_module.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise TypeError(
+                    f"ErrorFeedbackDP needs per-sample gradients, but layer {name!r} is {type(module).__name__}, "
+                    'which mixes samples: build the net with norm="groupnorm" (e.g. ResNet20(norm="groupnorm"))'
+                )
+        if not callable(getattr(pl_module, "compute_loss", None)):
+            raise TypeError(f"ErrorFeedbackDP needs {type(pl_module).__name__}.compute_loss(outputs, targets)")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"ErrorFeedbackDP clips and adds noise per optimizer step, accumulate_grad_batches must be 1, got "
+                f"{trainer.accumulate_grad_batches}: use a larger batch instead"
+            )
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"gradient_clip_val={trainer.gradient_clip_val} would rescale the privatized update: ErrorFeedbackDP "
+                "clips per sample (clip_norm); leave gradient_clip_val unset"
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.sample_rate is None:  # a fresh run (a resumed one keeps sample rate, noise and step factor)
+            self.sample_rate = 1.0 / trainer.num_training_batches
+            if self.accountant_steps_per_step is None:
+                self.accountant_steps_per_step = self._default_steps_per_step(trainer)
+            if self.target_epsilon is not None:
+                self.noise_multiplier = self._calibrate(trainer)
+        if self._generator is None or self._generator_state is not None:  # fresh, or restored from a checkpoint
+            self._generator = self._make_generator(pl_module.device)  # (a reused callback keeps drawing fresh noise)
+            self._generator_state = None
+        if self.target_epsilon is not None:
+            self._steps_allowed = self._count_steps_allowed()
+            if self._steps_allowed == 0:
+                trainer.should_stop = True
+
+    def _make_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed)
+        if self._generator_state is not None:
+            generator.set_state(self._generator_state)
+        return generator
+
+    def _planned_steps(self, trainer: L.Trainer) -> int:
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError("set max_epochs or max_steps: the privacy accounting needs the planned number of steps")
+        return int(steps)
+
+    def _default_steps_per_step(self, trainer: L.Trainer) -> int:
+        if not self.error_feedback:
+            return 1
+        epochs = math.ceil(self._planned_steps(trainer) / trainer.num_training_batches)
+        return max(1, int(math.log(epochs)))  # the official DiceSGD code's heuristic, floored at 1
+
+    def _calibrate(self, trainer: L.Trainer) -> float:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        steps = self._planned_steps(trainer) * self.accountant_steps_per_step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=self.target_epsilon,
+                    target_delta=self.delta,
+                    sample_rate=self.sample_rate,
+                    steps=steps,
+                    accountant="rdp",
+                )
+            )
+
+    def _history_after(self, steps: int) -> list[tuple[float, float, int]]:
+        entry = (
+            self.noise_multiplier,
+            self.sample_rate,
+            steps * self.accountant_steps_per_step,
+        )
+        return self.history + [entry] if steps > 0 else list(self.history)
+
+    def _count_steps_allowed(self) -> int:
+        """How many more optimizer steps keep epsilon within ``target_epsilon``."""
+
+        def within(steps: int) -> bool:
+            return _epsilon(self._history_after(steps), self.delta) <= self.target_epsilon
+
+        if not within(1):
+            return 0
+        low, high = 1, 2
+        while within(high) and high < _MAX_BUDGET_STEPS:
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if within(middle) else (low, middle)
+        return low
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def on_train_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._batch = (batch[0], batch[1])
+
+    def on_before_optimizer_step(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        if self._batch is None:
+            raise RuntimeError("ErrorFeedbackDP saw no training batch before the optimizer step")
+        if self._steps_allowed is not None and self._steps_allowed <= 0:
+            raise RuntimeError(f"the privacy budget target_epsilon={self.target_epsilon} is spent")
+        inputs, targets = self._batch
+        self._batch = None
+        update = self.privatized_gradients(pl_module, inputs, targets)
+        for name, param in pl_module.named_parameters():
+            if name in update:
+                param.grad = update[name].to(param.dtype)
+        self.steps += 1
+        self._record_step()
+        if self._steps_allowed is not None:
+            self._steps_allowed -= 1
+            if self._steps_allowed == 0:
+                trainer.should_stop = True
+
+    def _record_step(self) -> None:
+        entry = (
+            self.noise_multiplier,
+            self.sample_rate,
+            self.accountant_steps_per_step,
+        )
+        if self.history and self.history[-1][:2] == entry[:2]:
+            self.history[-1] = (*entry[:2], self.history[-1][2] + entry[2])
+        else:
+            self.history.append(entry)
+
+    def per_sample_gradients(self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Per-sample gradients ``{name: (n, *param.shape)}`` of the trainable parameters (torch.func)."""
+        params = {name: p.detach() for name, p in pl_module.named_parameters() if p.requires_grad}
+
+        def sample_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            outputs = functional_call(pl_module, params, (x.unsqueeze(0),), strict=False)
+            return pl_module.compute_loss(outputs, y.unsqueeze(0))
+
+        per_sample = vmap(
+            grad(sample_loss),
+            in_dims=(None, 0, 0),
+            randomness="different",
+            chunk_size=self.chunk_size,
+        )
+        return per_sample(params, inputs, targets)
+
+    def privatized_gradients(self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """The privatized update direction ``{name: tensor}`` of one step on this rank's batch (see the class doc).
+
+        Updates the error buffer and draws the noise from the callback's generator; callable without a Trainer
+        (with ``noise_multiplier`` given). Does not advance the accountant.
+        """
+        per_sample = self.per_sample_gradients(pl_module, inputs, targets)
+        names = list(per_sample)
+        flat = torch.cat([per_sample[n].flatten(1) for n in names], dim=1)  # (n, num_params)
+        del per_sample
+        factor = _clip_factor(flat.norm(dim=1), self.clip_norm)
+        count = torch.tensor([float(len(flat))], device=flat.device)
+        parts = [factor @ flat] + ([flat.sum(0)] if self.error_feedback else []) + [count]
+        sums = torch.cat(parts)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)  # clipped sums, raw sums and sample counts over all ranks
+        size = flat.shape[1]
+        batch_size = sums[-1]
+        direction = sums[:size] / batch_size
+        if self._generator is None:  # called outside a Trainer
+            self._generator = self._make_generator(flat.device)
+        noise_stds = [self.noise_multiplier * self.clip_norm / batch_size]
+        if self.error_feedback:
+            error = self._flat_error(pl_module, names, flat)
+            fed_back = error * _clip_factor(error.norm(), self.feedback_clip_norm)
+            direction = direction + fed_back
+            if self.steps > 0:  # e_0 = 0 releases nothing: the second noise term starts at step 1 (official code)
+                noise_stds.append(self.noise_multiplier * self.feedback_clip_norm / batch_size)
+            error = error + sums[size : 2 * size] / batch_size - direction
+            self.error = dict(zip(names, self._unflatten(pl_module, names, error)))
+        if self.noise_multiplier > 0:
+            for std in noise_stds:  # independent draws, as in the official code
+                direction = direction + std * torch.randn(size, generator=self._generator, device=flat.device)
+        return dict(zip(names, self._unflatten(pl_module, names, direction)))
+
+    def _flat_error(self, pl_module: L.LightningModule, names: list[str], like: Tensor) -> Tensor:
+        if not self.error:
+            return torch.zeros(like.shape[1], dtype=like.dtype, device=like.device)
+        return torch.cat([self.error[n].to(like.device).flatten() for n in names])
+
+    @staticmethod
+    def _unflatten(pl_module: L.LightningModule, names: list[str], flat: Tensor) -> list[Tensor]:
+        shapes = dict(pl_module.named_parameters())
+        sizes = [shapes[n].numel() for n in names]
+        return [chunk.view_as(shapes[n]) for chunk, n in zip(flat.split(sizes), names)]
+
+    # -- accounting, logging, checkpointing ---------------------------------------------------------------------
+    @property
+    def epsilon(self) -> float:
+        """The epsilon spent so far (the budgeted accounting; see the class doc)."""
+        return _epsilon(self.history, self.delta)
+
+    @property
+    def epsilon_dpsgd(self) -> float:
+        """The DPSGD-GC bound of the steps taken (each counted once)."""
+        history = [(sigma, q, steps // self.accountant_steps_per_step) for sigma, q, steps in self.history]
+        return _epsilon(history, self.delta)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the same value on every rank: sync_dist only silences Lightning's warning
+        pl_module.log("dp/epsilon", self.epsilon, sync_dist=True)
+        if self.error_feedback:
+            pl_module.log("dp/epsilon_dpsgd", self.epsilon_dpsgd, sync_dist=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "accountant_steps_per_step": self.accountant_steps_per_step,
+            "steps": self.steps,
+            "history": [list(entry) for entry in self.history],
+            "error": {name: e.detach().cpu() for name, e in self.error.items()},
+            "generator_state": self._generator.get_state() if self._generator is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.noise_multiplier = state_dict["noise_multiplier"]
+        self.sample_rate = state_dict["sample_rate"]
+        self.accountant_steps_per_step = state_dict["accountant_steps_per_step"]
+        self.steps = state_dict["steps"]
+        self.history = [(float(s), float(q), int(n)) for s, q, n in state_dict["history"]]
+        self.error = dict(state_dict["error"])
+        self._generator_state = state_dict["generator_state"]
