@@ -3,5 +3,6 @@
 from callbacks.activating_while_pruning import ActivatingWhilePruning
 from callbacks.dead_neurons import DeadNeuronRate
 from callbacks.error_feedback_dp import ErrorFeedbackDP
+from callbacks.ghost_bn import GhostBatchNorm
 
-__all__ = ["ActivatingWhilePruning", "DeadNeuronRate", "ErrorFeedbackDP"]
+__all__ = ["ActivatingWhilePruning", "DeadNeuronRate", "ErrorFeedbackDP", "GhostBatchNorm"]

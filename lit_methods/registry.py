@@ -331,13 +331,19 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.robustness.AdversarialFinetune",
         ),
-        _entry(
+        MethodEntry(
             "ghost-bn",
             "Train longer, generalize better (Ghost Batch Normalization, regime adaptation)",
             _ARXIV + "1705.08741",
             "large-batch training",
             "callback",
             "callbacks.GhostBatchNorm",
+            (
+                "experiments/ghost-bn/ghost-bn_resnet20_cifar10.yaml",
+                "experiments/ghost-bn/ghost-bn_resnet20_cifar10_regime-adaptation.yaml",
+                "experiments/ghost-bn/ghost-bn_convnet_fashion_mnist.yaml",
+            ),
+            "available",
         ),
         _entry(
             "time-shift",

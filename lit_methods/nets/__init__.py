@@ -11,6 +11,7 @@ from __future__ import annotations
 from .adapters import TimmModel, TorchvisionModel
 from .base import Backbone
 from .convnet import ConvNet
+from .ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_to_ghost_batchnorm
 from .multi_sample_dropout import MultiSampleDropoutHead
 from .registry import NETS, create_net, list_nets, register_net
 from .resnet_cifar import CifarResNet, ResNet18, ResNet34, ResNet50
@@ -31,6 +32,8 @@ __all__ = [
     "Backbone",
     "CifarResNet",
     "ConvNet",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
     "HeResNet",
     "MultiSampleDropoutHead",
     "ResNet18",
@@ -43,6 +46,7 @@ __all__ = [
     "TorchvisionModel",
     "ViT",
     "WideResNet",
+    "convert_to_ghost_batchnorm",
     "create_net",
     "list_nets",
     "register_net",

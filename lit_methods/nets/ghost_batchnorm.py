@@ -40,8 +40,14 @@ __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "convert_to_ghost_batchnorm"]
 
 
 def _check_virtual_batch_size(virtual_batch_size: int) -> None:
-    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
-        raise ValueError(f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size!r}")
+    if (
+        isinstance(virtual_batch_size, bool)
+        or not isinstance(virtual_batch_size, int)
+        or virtual_batch_size < 1
+    ):
+        raise ValueError(
+            f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size!r}"
+        )
 
 
 class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -62,7 +68,14 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         _check_virtual_batch_size(virtual_batch_size)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
         )
         self.virtual_batch_size = virtual_batch_size
 
@@ -70,9 +83,13 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor) -> Tensor:
-        uses_batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        uses_batch_statistics = self.training or (
+            self.running_mean is None and self.running_var is None
+        )
         if not uses_batch_statistics:
-            return super().forward(input)  # eval: plain batch norm with the running statistics
+            return super().forward(
+                input
+            )  # eval: plain batch norm with the running statistics
         self._check_input_dim(input)
         batch_size = input.shape[0]
         num_full = batch_size // self.virtual_batch_size
@@ -86,7 +103,11 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
                     "drop_last=True in the data loader, or another virtual_batch_size"
                 )
         # split only a ragged batch: the backward of a slice writes a full-size zero gradient first
-        full, rest = input.split([num_full * self.virtual_batch_size, remainder]) if remainder else (input, None)
+        full, rest = (
+            input.split([num_full * self.virtual_batch_size, remainder])
+            if remainder
+            else (input, None)
+        )
         parts = []
         if num_full:
             parts.append(self._normalize_interleaved(full, num_full))
@@ -97,7 +118,9 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
             self._update_running_stats(parts, batch_size)
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _normalize_interleaved(self, x: Tensor, groups: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _normalize_interleaved(
+        self, x: Tensor, groups: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Normalize ``x`` split into ``groups`` interleaved virtual batches in one fused batch-norm call.
 
         Viewing ``(groups * m, C, ...)`` as ``(m, groups * C, ...)`` makes each (virtual batch, channel) pair one
@@ -124,14 +147,33 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         ).reshape(x.shape)
         if group_mean is None:
             return output, None, None
-        return output, group_mean.view(groups, channels), group_var.view(groups, channels)
+        return (
+            output,
+            group_mean.view(groups, channels),
+            group_var.view(groups, channels),
+        )
 
     @torch.no_grad()
-    def _update_running_stats(self, parts: list[tuple[Tensor, Tensor, Tensor]], batch_size: int) -> None:
+    def _update_running_stats(
+        self, parts: list[tuple[Tensor, Tensor, Tensor]], batch_size: int
+    ) -> None:
         self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        mean = sum(means.sum(0) * (output.shape[0] / means.shape[0]) for output, means, _ in parts) / batch_size
-        var = sum(variances.sum(0) * (output.shape[0] / variances.shape[0]) for output, _, variances in parts)
+        factor = (
+            1.0 / float(self.num_batches_tracked)
+            if self.momentum is None
+            else self.momentum
+        )
+        mean = (
+            sum(
+                means.sum(0) * (output.shape[0] / means.shape[0])
+                for output, means, _ in parts
+            )
+            / batch_size
+        )
+        var = sum(
+            variances.sum(0) * (output.shape[0] / variances.shape[0])
+            for output, _, variances in parts
+        )
         self.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
         self.running_var.mul_(1.0 - factor).add_(var / batch_size, alpha=factor)
 
@@ -168,7 +210,10 @@ def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn
     _check_virtual_batch_size(virtual_batch_size)
     ghost_class = None
     if not isinstance(module, _GhostBatchNorm):
-        ghost_class = next((ghost for plain, ghost in _GHOST_OF.items() if isinstance(module, plain)), None)
+        ghost_class = next(
+            (ghost for plain, ghost in _GHOST_OF.items() if isinstance(module, plain)),
+            None,
+        )
     converted = module
     if ghost_class is not None:
         converted = ghost_class(
@@ -181,9 +226,14 @@ def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn
             bias=module.bias is not None,
         )
         converted.weight, converted.bias = module.weight, module.bias
-        converted.running_mean, converted.running_var = module.running_mean, module.running_var
+        converted.running_mean, converted.running_var = (
+            module.running_mean,
+            module.running_var,
+        )
         converted.num_batches_tracked = module.num_batches_tracked
         converted.train(module.training)
     for name, child in module.named_children():
-        converted.add_module(name, convert_to_ghost_batchnorm(child, virtual_batch_size))
+        converted.add_module(
+            name, convert_to_ghost_batchnorm(child, virtual_batch_size)
+        )
     return converted
