@@ -194,6 +194,11 @@ class ActivatingWhilePruning(Callback):
     ) -> None:
         self._observing = True
 
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        # only the training step's own forward is observed: extra forwards of other callbacks after it (such as
+        # ErrorFeedbackDP's per-sample pass under torch.func) are not activations of the trained network's step
+        self._observing = False
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
