@@ -13,6 +13,7 @@ from callbacks.activating_while_pruning import ActivatingWhilePruning, select_su
 from datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from tests.ddp_helpers import run_distributed
+from tests.helpers import cpu_trainer
 
 
 def mlp(hidden: int = 32) -> nn.Sequential:
@@ -22,18 +23,7 @@ def mlp(hidden: int = 32) -> nn.Sequential:
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-        limit_val_batches=0,
-    )
-    return L.Trainer(**(defaults | kwargs))
+    return cpu_trainer(**({"default_root_dir": tmp_path, "deterministic": True, "limit_val_batches": 0} | kwargs))
 
 
 def naive_selection(weights, start, alive, prune_rate, ap_rate):

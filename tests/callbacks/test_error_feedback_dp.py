@@ -21,6 +21,7 @@ from datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet
 from tests.ddp_helpers import run_distributed
+from tests.helpers import cpu_trainer
 
 opacus = pytest.importorskip("opacus")
 
@@ -30,20 +31,8 @@ def tiny_net(norm: str = "groupnorm") -> ConvNet:
 
 
 def make_trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "deterministic": True,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(**(defaults | kwargs))
+    defaults = {"default_root_dir": tmp_path, "deterministic": True, "num_sanity_val_steps": 0, "limit_val_batches": 0}
+    return cpu_trainer(**(defaults | kwargs))
 
 
 class RecordGradients(Callback):

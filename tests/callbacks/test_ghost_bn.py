@@ -25,6 +25,7 @@ from lit_methods.nets.ghost_batchnorm import (
     convert_to_ghost_batchnorm,
 )
 from tests.ddp_helpers import run_distributed
+from tests.helpers import cpu_trainer
 
 
 def tiny_net(norm: str = "batchnorm") -> ConvNet:
@@ -34,19 +35,7 @@ def tiny_net(norm: str = "batchnorm") -> ConvNet:
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "deterministic": True,
-        "limit_val_batches": 0,
-    }
-    return L.Trainer(**(defaults | kwargs))
+    return cpu_trainer(**({"default_root_dir": tmp_path, "deterministic": True, "limit_val_batches": 0} | kwargs))
 
 
 # -- the layer ------------------------------------------------------------------------------------------------------
