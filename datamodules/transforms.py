@@ -46,7 +46,9 @@ def randaugment(num_ops: int, magnitude: int) -> v2.RandAugment:
     if num_ops < 0:
         raise ValueError(f"RandAugment num_ops must be >= 0, got {num_ops}")
     if not 0 <= magnitude <= PAPER_MAGNITUDE_LEVELS:
-        raise ValueError(f"RandAugment magnitude must lie in [0, {PAPER_MAGNITUDE_LEVELS}] (paper scale), got {magnitude}")
+        raise ValueError(
+            f"RandAugment magnitude must lie in [0, {PAPER_MAGNITUDE_LEVELS}] (paper scale), got {magnitude}"
+        )
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=PAPER_MAGNITUDE_LEVELS + 1)
 
 

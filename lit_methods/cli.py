@@ -29,7 +29,16 @@ from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["DATA_FACTS", "LitMethodsCLI", "SaveAndLogConfig", "fill_data_facts", "main", "redact_namespace", "redact_secrets", "resolve_config_path"]
+__all__ = [
+    "DATA_FACTS",
+    "LitMethodsCLI",
+    "SaveAndLogConfig",
+    "fill_data_facts",
+    "main",
+    "redact_namespace",
+    "redact_secrets",
+    "resolve_config_path",
+]
 
 DATA_FACTS = ("num_classes", "in_channels", "image_size", "num_subgroups")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)

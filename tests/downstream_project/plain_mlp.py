@@ -8,7 +8,8 @@ from torch import Tensor, nn
 class PlainMLP(nn.Module):
     def __init__(self, num_classes: int = 3, hidden: int = 16, input_features: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(input_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        layers = [nn.Flatten(), nn.Linear(input_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
