@@ -19,6 +19,7 @@ from torch import nn
 from lit_methods.nets.ghost_batchnorm import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    check_virtual_batch_size,
     convert_to_ghost_batchnorm,
 )
 
@@ -50,14 +51,7 @@ class GhostBatchNorm(Callback):
     """
 
     def __init__(self, virtual_batch_size: int) -> None:
-        if (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size!r}"
-            )
+        check_virtual_batch_size(virtual_batch_size)
         self.virtual_batch_size = virtual_batch_size
 
     def setup(

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "convert_to_ghost_batchnorm"]
 
 
-def _check_virtual_batch_size(virtual_batch_size: int) -> None:
+def check_virtual_batch_size(virtual_batch_size: int) -> None:
+    """Raise ``ValueError`` naming ``virtual_batch_size`` unless it is an integer >= 1."""
     if (
         isinstance(virtual_batch_size, bool)
         or not isinstance(virtual_batch_size, int)
@@ -66,7 +67,7 @@ class _GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         dtype: torch.dtype | None = None,
         bias: bool = True,
     ) -> None:
-        _check_virtual_batch_size(virtual_batch_size)
+        check_virtual_batch_size(virtual_batch_size)
         super().__init__(
             num_features,
             eps,
@@ -207,7 +208,7 @@ def convert_to_ghost_batchnorm(module: nn.Module, virtual_batch_size: int) -> nn
     change), and the converted module is returned. Layers that already are ghost batch norms are left as they are;
     other norms (``BatchNorm3d``, ``SyncBatchNorm``, ...) are not touched.
     """
-    _check_virtual_batch_size(virtual_batch_size)
+    check_virtual_batch_size(virtual_batch_size)
     ghost_class = None
     if not isinstance(module, _GhostBatchNorm):
         ghost_class = next(
