@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_methods.base import ImageClassifier, _WarmupCosine
+from lit_methods.base import ImageClassifier, WarmupCosine
 from lit_methods.nets import ResNet20
 
 NUM_CLASSES = 10
@@ -72,7 +72,7 @@ def hand_epoch(model: nn.Module, batches: DataLoader) -> float:
         }
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(0, len(batches)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(0, len(batches)))
     model.train()
     start = time.perf_counter()
     for images, targets in batches:

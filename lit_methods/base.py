@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["ImageClassifier", "parameter_groups"]
+__all__ = ["ImageClassifier", "WarmupCosine", "parameter_groups"]
 
 _PLAIN_HPARAM_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -230,10 +230,10 @@ class ImageClassifier(L.LightningModule):
             peak = [group["lr"] for group in optimizer.param_groups]
             return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total)
         warmup = round(self.warmup_steps * total) if isinstance(self.warmup_steps, float) else self.warmup_steps
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup, total))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))
 
 
-class _WarmupCosine:
+class WarmupCosine:
     """LR factor: linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total`` steps (picklable)."""
 
     def __init__(self, warmup: int, total: int) -> None:
