@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
 from datamodules.subsets import long_tailed_indices, per_class_subset_indices
-from datamodules.transforms import build_eval_transforms, build_train_transforms, randaugment
+from datamodules.transforms import (
+    MultiView,
+    build_eval_transforms,
+    build_ssl_view_transforms,
+    build_train_transforms,
+    randaugment,
+)
 
 __all__ = ["ArrayImageDataset", "InMemoryVisionDataModule", "VisionDataModule", "split_indices"]
 
@@ -186,6 +192,9 @@ class InMemoryVisionDataModule(VisionDataModule):
             Cutout (Cubuk et al. 2020, arXiv:1909.13719). It transforms each image on its own, so it needs
             ``fast_loader=False`` (the fast path augments whole batches and rejects it).
         randaugment_magnitude: RandAugment's M on the paper's 0-10 scale.
+        ssl_views: training batches become ``([view_1, ..., view_n], labels)`` with SimCLR's CIFAR augmentation
+            (:func:`~datamodules.transforms.build_ssl_view_transforms`) for self-supervised methods; 0 is off.
+            Torchvision path only (``fast_loader=False``); validation and test batches stay single-view.
         The other arguments are those of :class:`VisionDataModule`.
     """
 
@@ -210,6 +219,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         samples_per_class: int | None = None,
         randaugment_num_ops: int = 0,
         randaugment_magnitude: int = 9,
+        ssl_views: int = 0,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -232,6 +242,13 @@ class InMemoryVisionDataModule(VisionDataModule):
                 "set fast_loader=False"
             )
         randaugment(randaugment_num_ops, randaugment_magnitude)  # validates both values
+        if ssl_views == 1 or ssl_views < 0:
+            raise ValueError(f"ssl_views must be 0 (off) or >= 2, got {ssl_views}")
+        if fast_loader and ssl_views:
+            raise ValueError(
+                f"ssl_views={ssl_views}: the self-supervised views use per-image colour jitter (torchvision path), "
+                "set fast_loader=False"
+            )
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if cutout_size < 0:
@@ -252,6 +269,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.samples_per_class = samples_per_class
         self.randaugment_num_ops = randaugment_num_ops
         self.randaugment_magnitude = randaugment_magnitude
+        self.ssl_views = ssl_views
         self.augment = BatchAugment(self.mean, self.std, crop_padding, horizontal_flip, cutout_size, seed)
         self._augment_epoch: int | None = None
         self.train_images: Tensor | None = None
@@ -304,6 +322,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         return None
 
     def default_train_transforms(self) -> Callable:
+        if self.ssl_views:
+            return MultiView(build_ssl_view_transforms(self.mean, self.std, self.image_size), self.ssl_views)
         return build_train_transforms(
             self.mean,
             self.std,
@@ -356,7 +376,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         epoch, so each rank draws its own parameters and a run resumed at an epoch boundary continues exactly.
         """
         images, *rest = batch
-        if images.dtype != torch.uint8:
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8:  # torchvision path: already transformed
             return batch
         if self.trainer is None or not self.trainer.training:
             return self.augment.normalize(images), *rest

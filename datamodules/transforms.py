@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +11,15 @@ from torchvision.transforms import v2
 
 from datamodules.fast import cutout
 
-__all__ = ["PAPER_MAGNITUDE_LEVELS", "Cutout", "build_eval_transforms", "build_train_transforms", "randaugment"]
+__all__ = [
+    "PAPER_MAGNITUDE_LEVELS",
+    "Cutout",
+    "MultiView",
+    "build_eval_transforms",
+    "build_ssl_view_transforms",
+    "build_train_transforms",
+    "randaugment",
+]
 
 
 class Cutout(nn.Module):
@@ -76,6 +85,37 @@ def build_train_transforms(
     if cutout_size:
         ops.append(Cutout(cutout_size))
     return v2.Compose(ops)
+
+
+class MultiView:
+    """Apply ``transform`` ``num_views`` times to one image: the views of self-supervised methods."""
+
+    def __init__(self, transform: Callable, num_views: int = 2) -> None:
+        if num_views < 2:
+            raise ValueError(f"num_views must be >= 2, got {num_views}")
+        self.transform = transform
+        self.num_views = num_views
+
+    def __call__(self, image: Any) -> list[Tensor]:
+        return [self.transform(image) for _ in range(self.num_views)]
+
+
+def build_ssl_view_transforms(
+    mean: Sequence[float], std: Sequence[float], image_size: tuple[int, int], min_scale: float = 0.08
+) -> Callable:
+    """One SimCLR view for CIFAR-sized images (Chen et al. 2020, arXiv:2002.05709, appendix B.9): random resized
+    crop, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 def build_eval_transforms(mean: Sequence[float], std: Sequence[float]) -> Callable:

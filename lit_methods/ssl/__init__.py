@@ -1,5 +1,8 @@
-"""Self-supervised learning: evaluation monitors shared by the SSL methods."""
+"""Self-supervised learning: the shared base, base methods, and online evaluation monitors."""
 
+from lit_methods.ssl.barlow_twins import BarlowTwins
+from lit_methods.ssl.base import SSLMethod
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
+from lit_methods.ssl.simclr import SimCLR
 
-__all__ = ["OnlineLinearProbe", "WeightedKNNClassifier"]
+__all__ = ["BarlowTwins", "OnlineLinearProbe", "SSLMethod", "SimCLR", "WeightedKNNClassifier"]

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["OnlineLinearProbe", "WeightedKNNClassifier"]
@@ -86,16 +85,14 @@ class WeightedKNNClassifier(Metric):
 
 class OnlineLinearProbe(nn.Module):
     """A linear classifier trained on detached features next to the SSL objective (its gradients never reach the
-    backbone); :meth:`forward` returns its cross-entropy and logits, :attr:`accuracy` its running top-1."""
+    backbone); :meth:`forward` returns its cross-entropy and logits."""
 
     def __init__(self, num_features: int, num_classes: int) -> None:
         super().__init__()
         if num_features < 1 or num_classes < 2:
             raise ValueError(f"need num_features >= 1 and num_classes >= 2, got {num_features}, {num_classes}")
         self.classifier = nn.Linear(num_features, num_classes)
-        self.accuracy = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.classifier(features.detach())
-        self.accuracy.update(logits.detach(), targets)
         return F.cross_entropy(logits, targets), logits

@@ -85,7 +85,7 @@ def test_linear_probe_trains_on_detached_features_only():
     torch.testing.assert_close(loss, F.cross_entropy(probe.classifier(features), targets))
     loss.backward()
     assert features.grad is None and probe.classifier.weight.grad is not None
-    assert probe.accuracy.compute() == (logits.argmax(1) == targets).float().mean()
+    torch.testing.assert_close(logits, probe.classifier(features))
 
 
 @pytest.mark.parametrize(

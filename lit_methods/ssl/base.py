@@ -1,0 +1,117 @@
+"""The self-supervised base: a backbone's pooled features, an SSL objective over views, online evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_methods.base import WarmupCosine, drop_object_hyperparameters, parameter_groups
+from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
+
+__all__ = ["SSLMethod"]
+
+
+class SSLMethod(L.LightningModule):
+    """Base of the self-supervised methods (the solo-learn design with typed arguments).
+
+    Training batches are ``([view_1, ..., view_n], labels)`` (a datamodule with ``ssl_views=2``); the labels only
+    feed the online monitors. Subclasses add their heads in ``__init__`` and implement :meth:`ssl_loss` over the
+    views' backbone features. The base trains an :class:`OnlineLinearProbe` on detached features of the first view,
+    fills a :class:`WeightedKNNClassifier` bank with them, and reports ``val/probe_acc`` and ``val/knn_acc`` on the
+    single-view validation batches. One SGD optimizer: the method's parameters at ``lr``, the probe at ``probe_lr``
+    without weight decay, both with linear warmup then cosine decay sized from ``trainer.estimated_stepping_batches``.
+
+    Args:
+        backbone: a network with ``forward_features`` and ``num_features`` (every :mod:`lit_methods.nets` backbone);
+            its classifier is removed (``reset_classifier(0)``).
+        num_classes: classes of the monitors (filled from the datamodule by the CLI).
+        lr: peak learning rate of the method's parameters.
+        momentum: SGD momentum.
+        weight_decay: weight decay of the method's parameters (none on biases and norm parameters).
+        warmup_steps: linear warmup, in optimizer steps (int) or as a fraction of all steps (float).
+        probe_lr: learning rate of the linear probe.
+        knn_k: neighbours of the kNN monitor.
+        knn_temperature: vote temperature of the kNN monitor.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 10,
+        lr: float = 0.3,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_steps: int | float = 0.1,
+        probe_lr: float = 0.1,
+        knn_k: int = 200,
+        knn_temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        drop_object_hyperparameters(self)
+        if not (hasattr(backbone, "forward_features") and hasattr(backbone, "reset_classifier")):
+            raise ValueError(f"{type(backbone).__name__} needs forward_features and reset_classifier (lit_methods.nets)")
+        if lr <= 0 or probe_lr <= 0:
+            raise ValueError(f"learning rates must be > 0, got lr={lr}, probe_lr={probe_lr}")
+        if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
+            raise ValueError(f"warmup_steps as a fraction must lie in [0, 1), got {warmup_steps}")
+        backbone.reset_classifier(0)
+        self.backbone = backbone
+        self.num_features: int = backbone.num_features
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.probe_lr = probe_lr
+        self.probe = OnlineLinearProbe(self.num_features, num_classes)
+        self.probe_val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.knn = WeightedKNNClassifier(num_classes, k=knn_k, temperature=knn_temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled backbone features."""
+        return self.backbone.forward_features(x)
+
+    def ssl_loss(self, features: list[Tensor]) -> Tensor:
+        """The method's objective from the backbone features of every view."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        views, targets = batch[0], batch[1]
+        if not isinstance(views, (list, tuple)) or len(views) < 2:
+            raise ValueError("self-supervised training needs multi-view batches: set the datamodule's ssl_views=2")
+        features = [self(view) for view in views]
+        loss = self.ssl_loss(features)
+        probe_loss, _ = self.probe(features[0], targets)
+        self.knn.update(bank_features=features[0], bank_targets=targets)
+        self.log_dict({"train/ssl_loss": loss, "train/probe_loss": probe_loss}, on_step=True)
+        return loss + probe_loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, targets = batch[0], batch[1]
+        features = self(images)
+        _, logits = self.probe(features, targets)
+        self.probe_val_acc.update(logits, targets)
+        self.log("val/probe_acc", self.probe_val_acc, on_step=False, on_epoch=True)
+        self.knn.update(test_features=features, test_targets=targets)
+
+    def on_validation_epoch_end(self) -> None:
+        if len(self.knn.bank_features):  # the sanity check runs before any training batch filled the bank
+            self.log("val/knn_acc", self.knn.compute())
+        self.knn.reset()
+
+    def on_train_epoch_start(self) -> None:
+        self.knn.reset()  # the bank holds the features of the current epoch
+
+    def configure_optimizers(self) -> Any:
+        method = nn.ModuleList(module for name, module in self.named_children() if name != "probe")
+        groups = parameter_groups(method, self.weight_decay, exclude_norm_and_bias=True)
+        groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr})
+        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = round(self.warmup_steps * total) if isinstance(self.warmup_steps, float) else self.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
