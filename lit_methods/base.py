@@ -13,10 +13,21 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["ImageClassifier", "WarmupCosine", "parameter_groups"]
+__all__ = ["ImageClassifier", "WarmupCosine", "drop_object_hyperparameters", "parameter_groups"]
 
 _PLAIN_HPARAM_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def drop_object_hyperparameters(module: L.LightningModule) -> None:
+    """Remove hyper-parameters that are Python objects (a backbone or an optimizer factory given in Python).
+
+    Checkpoints then load with ``weights_only=True``; pass those objects again to ``load_from_checkpoint``. From the
+    CLI such arguments hold their config (a dict) and stay, so a CLI-trained module reloads from its checkpoint alone.
+    """
+    for name, value in list(module.hparams.items()):
+        if not isinstance(value, _PLAIN_HPARAM_TYPES):
+            del module.hparams[name]
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, exclude_norm_and_bias: bool) -> list[dict[str, Any]]:
@@ -84,12 +95,7 @@ class ImageClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # Objects given in Python (a backbone, an optimizer factory) are not kept with the hyper-parameters, so
-        # checkpoints load with weights_only=True: pass them again to load_from_checkpoint. From the CLI these
-        # arguments hold their config (a dict) and stay.
-        for name, value in list(self.hparams.items()):
-            if not isinstance(value, _PLAIN_HPARAM_TYPES):
-                del self.hparams[name]
+        drop_object_hyperparameters(self)
         if num_classes is None:
             num_classes = getattr(backbone, "num_classes", None)
             if not isinstance(num_classes, int):
