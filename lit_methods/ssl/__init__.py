@@ -3,6 +3,15 @@
 from lit_methods.ssl.barlow_twins import BarlowTwins
 from lit_methods.ssl.base import SSLMethod
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
+from lit_methods.ssl.moco import MoCoV2, cosine_momentum
 from lit_methods.ssl.simclr import SimCLR
 
-__all__ = ["BarlowTwins", "OnlineLinearProbe", "SSLMethod", "SimCLR", "WeightedKNNClassifier"]
+__all__ = [
+    "BarlowTwins",
+    "MoCoV2",
+    "OnlineLinearProbe",
+    "SSLMethod",
+    "SimCLR",
+    "WeightedKNNClassifier",
+    "cosine_momentum",
+]

@@ -45,6 +45,6 @@ class BarlowTwins(SSLMethod):
         )
         self.loss_fn = BarlowTwinsLoss(lambda_offdiag, gather_distributed=gather_distributed)
 
-    def ssl_loss(self, features: list[Tensor]) -> Tensor:
+    def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
         z1, z2 = (self.projector(f) for f in features[:2])
         return self.loss_fn(z1, z2)

@@ -20,9 +20,9 @@ class SSLMethod(L.LightningModule):
 
     Training batches are ``([view_1, ..., view_n], labels)`` (a datamodule with ``ssl_views=2``); the labels only
     feed the online monitors. Subclasses add their heads in ``__init__`` and implement :meth:`ssl_loss` over the
-    views' backbone features. The base trains an :class:`OnlineLinearProbe` on detached features of the first view,
-    fills a :class:`WeightedKNNClassifier` bank with them, and reports ``val/probe_acc`` and ``val/knn_acc`` on the
-    single-view validation batches. One SGD optimizer: the method's parameters at ``lr``, the probe at ``probe_lr``
+    views and their backbone features. The base trains an :class:`OnlineLinearProbe` on detached features of the
+    first view, fills a :class:`WeightedKNNClassifier` bank with them, and reports ``val/probe_acc`` and
+    ``val/knn_acc`` on the single-view validation batches. One SGD optimizer: the method's parameters at ``lr``, the probe at ``probe_lr``
     without weight decay, both with linear warmup then cosine decay sized from ``trainer.estimated_stepping_batches``.
 
     Args:
@@ -54,7 +54,9 @@ class SSLMethod(L.LightningModule):
         self.save_hyperparameters()
         drop_object_hyperparameters(self)
         if not (hasattr(backbone, "forward_features") and hasattr(backbone, "reset_classifier")):
-            raise ValueError(f"{type(backbone).__name__} needs forward_features and reset_classifier (lit_methods.nets)")
+            raise ValueError(
+                f"{type(backbone).__name__} needs forward_features and reset_classifier (a lit_methods.nets backbone)"
+            )
         if lr <= 0 or probe_lr <= 0:
             raise ValueError(f"learning rates must be > 0, got lr={lr}, probe_lr={probe_lr}")
         if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
@@ -75,8 +77,8 @@ class SSLMethod(L.LightningModule):
         """Pooled backbone features."""
         return self.backbone.forward_features(x)
 
-    def ssl_loss(self, features: list[Tensor]) -> Tensor:
-        """The method's objective from the backbone features of every view."""
+    def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
+        """The method's objective from the views and their backbone features (``features[i] = self(views[i])``)."""
         raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -84,7 +86,7 @@ class SSLMethod(L.LightningModule):
         if not isinstance(views, (list, tuple)) or len(views) < 2:
             raise ValueError("self-supervised training needs multi-view batches: set the datamodule's ssl_views=2")
         features = [self(view) for view in views]
-        loss = self.ssl_loss(features)
+        loss = self.ssl_loss(views, features)
         probe_loss, _ = self.probe(features[0], targets)
         self.knn.update(bank_features=features[0], bank_targets=targets)
         self.log_dict({"train/ssl_loss": loss, "train/probe_loss": probe_loss}, on_step=True)

@@ -1,0 +1,127 @@
+"""MoCo v2 (Chen, Fan, Girshick & He, "Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_methods.losses.gather import distributed_is_on
+from lit_methods.ssl.base import SSLMethod
+
+__all__ = ["MoCoV2", "cosine_momentum"]
+
+
+def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
+    """EMA momentum raised from ``base`` to ``final`` along a half cosine over ``total_steps`` optimizer steps
+    (BYOL's schedule, arXiv:2006.07733); ``final == base`` keeps it constant (MoCo's 0.999)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class MoCoV2(SSLMethod):
+    """InfoNCE between a query (the online backbone + MLP projector) and its key (their momentum copies), against a
+    queue of past keys.
+
+    The momentum encoder is updated after each *optimizer step* (``trainer.global_step`` advanced), so gradient
+    accumulation does not speed up its schedule. Keys are gathered from every rank before they enter the queue, so
+    under DDP every rank holds the same queue.
+
+    Args:
+        projection_hidden_dim: hidden width of the 2-layer MLP projector (MoCo v2: 2048).
+        projection_dim: output width (128).
+        queue_size: number of negatives kept (65536 on ImageNet; 4096 suits CIFAR batch sizes).
+        temperature: InfoNCE temperature (0.2).
+        base_momentum: EMA momentum at the start (0.99 here; MoCo v2 keeps 0.999 constant).
+        final_momentum: EMA momentum at the end of training, reached along a cosine.
+        **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 128,
+        queue_size: int = 4096,
+        temperature: float = 0.2,
+        base_momentum: float = 0.99,
+        final_momentum: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, **kwargs)
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= base_momentum <= final_momentum <= 1.0:
+            raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}")
+        self.projector = nn.Sequential(
+            nn.Linear(self.num_features, projection_hidden_dim),
+            nn.ReLU(),
+            nn.Linear(projection_hidden_dim, projection_dim),
+        )
+        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.temperature = temperature
+        self.base_momentum = base_momentum
+        self.final_momentum = final_momentum
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, projection_dim), dim=1))
+        self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+        self._last_step = 0
+
+    def keys(self, view: Tensor) -> Tensor:
+        with torch.no_grad():
+            return F.normalize(self.momentum_projector(self.momentum_backbone.forward_features(view)), dim=1)
+
+    def info_nce(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """Cross-entropy of each query against its key (positive) and the queue (negatives)."""
+        positive = (queries * keys).sum(dim=1, keepdim=True)
+        negatives = queries @ self.queue.clone().T
+        logits = torch.cat([positive, negatives], dim=1) / self.temperature
+        return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))
+
+    def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
+        q1, q2 = (F.normalize(self.projector(f), dim=1) for f in features[:2])
+        k1, k2 = self.keys(views[0]), self.keys(views[1])
+        loss = (self.info_nce(q1, k2) + self.info_nce(q2, k1)) / 2
+        self.enqueue(torch.cat([k1, k2]))
+        return loss
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write ``keys`` (from every rank) over the oldest queue entries."""
+        if distributed_is_on():
+            gathered = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, keys)
+            keys = torch.cat(gathered)
+        size = len(self.queue)
+        keys = keys[-size:]
+        index = (self.queue_pointer + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[index] = keys
+        self.queue_pointer.copy_((self.queue_pointer + len(keys)) % size)
+
+    def current_momentum(self) -> float:
+        total = int(self.trainer.estimated_stepping_batches)
+        return cosine_momentum(self.trainer.global_step, total, self.base_momentum, self.final_momentum)
+
+    def on_train_start(self) -> None:
+        self._last_step = self.trainer.global_step
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if step == self._last_step:  # no optimizer step happened (gradient accumulation)
+            return
+        self._last_step = step
+        tau = self.current_momentum()
+        for online, target in ((self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)):
+            for p, q in zip(online.parameters(), target.parameters()):
+                q.mul_(tau).add_(p.detach(), alpha=1 - tau)
+            for b, c in zip(online.buffers(), target.buffers()):
+                c.copy_(b)
+        self.log("train/momentum", tau, on_step=True)
