@@ -168,15 +168,23 @@ class BatchAugment:
         self.horizontal_flip = horizontal_flip
         self.cutout_size = cutout_size
         self.generator = torch.Generator().manual_seed(seed)
+        self._affine_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def normalize(self, images: Tensor) -> Tensor:
         """``uint8`` (or [0, 255] float) images to normalized ``float32``, in a new tensor."""
         if images.shape[1] != len(self.mean):
             raise ValueError(f"images have {images.shape[1]} channels but mean/std have {len(self.mean)}")
-        shape = (1, -1, 1, 1)
-        scale = torch.tensor(self.std, device=images.device).mul_(255.0).view(shape)
-        shift = torch.tensor(self.mean, device=images.device).mul_(255.0).view(shape)
+        shift, scale = self._affine(images.device)
         return images.to(torch.float32, copy=True).sub_(shift).div_(scale)
+
+    def _affine(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``255 * mean`` and ``255 * std`` as ``(1, C, 1, 1)`` tensors on ``device``, built once per device."""
+        if device not in self._affine_cache:
+            shape = (1, -1, 1, 1)
+            shift = torch.tensor(self.mean, device=device).mul_(255.0).view(shape)
+            scale = torch.tensor(self.std, device=device).mul_(255.0).view(shape)
+            self._affine_cache[device] = (shift, scale)
+        return self._affine_cache[device]
 
     def draw(self, batch_size: int, height: int, width: int) -> dict[str, Tensor]:
         """Random parameters for one batch, drawn on the CPU generator (same order on every device)."""

@@ -12,7 +12,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from lit_methods.base import WarmupCosine, drop_object_hyperparameters, parameter_groups
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
 
-__all__ = ["SSLMethod"]
+__all__ = ["SSLMethod", "mlp_projector"]
+
+
+def mlp_projector(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
+    """The 2-layer MLP projection head of SimCLR and MoCo v2: Linear, ReLU, Linear."""
+    return nn.Sequential(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, out_features))
 
 
 class SSLMethod(L.LightningModule):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_methods.losses.gather import distributed_is_on
-from lit_methods.ssl.base import SSLMethod
+from lit_methods.ssl.base import SSLMethod, mlp_projector
 
 __all__ = ["MoCoV2", "cosine_momentum"]
 
@@ -60,11 +60,7 @@ class MoCoV2(SSLMethod):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}")
-        self.projector = nn.Sequential(
-            nn.Linear(self.num_features, projection_hidden_dim),
-            nn.ReLU(),
-            nn.Linear(projection_hidden_dim, projection_dim),
-        )
+        self.projector = mlp_projector(self.num_features, projection_hidden_dim, projection_dim)
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.temperature = temperature

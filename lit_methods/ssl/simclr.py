@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lit_methods.losses import NTXentLoss
-from lit_methods.ssl.base import SSLMethod
+from lit_methods.ssl.base import SSLMethod, mlp_projector
 
 __all__ = ["SimCLR"]
 
@@ -33,11 +33,7 @@ class SimCLR(SSLMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)
-        self.projector = nn.Sequential(
-            nn.Linear(self.num_features, projection_hidden_dim),
-            nn.ReLU(),
-            nn.Linear(projection_hidden_dim, projection_dim),
-        )
+        self.projector = mlp_projector(self.num_features, projection_hidden_dim, projection_dim)
         self.loss_fn = NTXentLoss(temperature, gather_distributed=gather_distributed)
 
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:

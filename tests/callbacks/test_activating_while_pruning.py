@@ -177,18 +177,8 @@ def _ddp_masks() -> dict[str, list]:
     torch.manual_seed(0)
     model = ImageClassifier(mlp(), num_classes=10, lr=0.05, lr_schedule="constant")
     pruner = ActivatingWhilePruning(prune_rate=0.3, ap_rate=0.05, epochs_per_cycle=1)
-    t = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=3,
-        limit_train_batches=4,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[pruner],
+    t = cpu_trainer(
+        devices=2, strategy="ddp", max_epochs=3, limit_train_batches=4, limit_val_batches=0, callbacks=[pruner]
     )
     t.fit(model, datamodule=DigitsDataModule(batch_size=32))
     return {
