@@ -5,13 +5,18 @@ All sides train a GroupNorm ResNet-20 (``lit_methods.nets.ResNet20(norm="groupno
 (``--batch-size`` images of 3x32x32, already on the device), in hand-written loops so that only the step differs:
 
 - ``non-private``: forward, backward, ``optimizer.step()``.
-- ``ErrorFeedbackDP (as run)``: what the callback costs under the Trainer: the ordinary forward and backward that
-  Lightning runs, then ``privatized_gradients`` (torch.func per-sample gradients, clipping, error feedback, noise)
-  written into ``p.grad``, then the step. ``error_feedback`` True (DiceSGD) and False (DPSGD-GC).
-- ``ErrorFeedbackDP (no backward)``: the same without the ordinary backward (what a module with manual
-  optimization, which skips Lightning's backward, would pay).
-- ``opacus``: ``opacus.GradSampleModule`` (hook-based per-sample gradients) + ``DPOptimizer`` (clip 1, noise 1):
-  forward, backward, ``optimizer.step()``.
+- ``ErrorFeedbackDP ... (book-keeping)``: what the callback costs under the Trainer with
+  ``per_sample_method="book_keeping"`` (the default ``"auto"`` picks it for this net): the ordinary forward and
+  backward that Lightning runs, with the callback's hooks recording layer inputs and output gradients, then
+  ``privatized_gradients_from_backward`` (per-sample norms, clipped sums, error feedback, noise) written into
+  ``p.grad``, then the step. ``error_feedback`` True (DiceSGD) and False (DPSGD-GC).
+- ``ErrorFeedbackDP DiceSGD (vmap)``: the same with ``per_sample_method="vmap"``: the ordinary forward and
+  backward, then ``privatized_gradients`` (torch.func per-sample gradients of the batch), then the step.
+- ``opacus GradSampleModule``: ``opacus.GradSampleModule`` (hook-based per-sample gradients) + ``DPOptimizer``
+  (clip 1, noise 1): forward, backward, ``optimizer.step()``. The reference of the goal.
+- ``opacus ghost clipping``: ``GradSampleModuleFastGradientClipping(use_ghost_clipping=True)`` +
+  ``DPOptimizerFastGradientClipping`` + ``DPLossFastGradientClipping`` (its backward runs twice: once for the
+  norms, once on the re-weighted loss), a second reference.
 
 Each round times ``--steps`` steps of every side after one untimed warm-up step, with the sides' order rotated each
 round; the median and the best step time over all rounds are printed with their ratios (on a loaded machine the
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -66,17 +72,23 @@ def non_private_step(
 
 
 def error_feedback_dp_step(
-    device: torch.device, error_feedback: bool, ordinary_backward: bool
+    device: torch.device, error_feedback: bool, per_sample_method: str
 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
     model = make_model(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    dp = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0, error_feedback=error_feedback)
+    dp = ErrorFeedbackDP(
+        clip_norm=1.0, noise_multiplier=1.0, error_feedback=error_feedback, per_sample_method=per_sample_method
+    )
+    if per_sample_method == "book_keeping":
+        dp.attach_book_keeping(model)
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        if ordinary_backward:
-            model.compute_loss(model(images), targets).backward()
-        update = dp.privatized_gradients(model, images, targets)
+        model.compute_loss(model(images), targets).backward()
+        if per_sample_method == "book_keeping":
+            update = dp.privatized_gradients_from_backward(model)
+        else:
+            update = dp.privatized_gradients(model, images, targets)
         for name, param in model.named_parameters():
             param.grad = update[name]
         dp.steps += 1
@@ -105,6 +117,29 @@ def opacus_step(device: torch.device, batch_size: int) -> Callable[[torch.Tensor
     return step
 
 
+def opacus_ghost_clipping_step(device: torch.device, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    backbone = make_model(device).backbone
+    model = GradSampleModuleFastGradientClipping(backbone, max_grad_norm=1.0, use_ghost_clipping=True)
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=batch_size,
+    )
+    criterion = DPLossFastGradientClipping(model, optimizer, torch.nn.CrossEntropyLoss())
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(images), targets).backward()
+        optimizer.step()
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -125,10 +160,11 @@ def main() -> None:
     ]
     sides = {
         "non-private": non_private_step(device),
-        "ErrorFeedbackDP DiceSGD (as run)": error_feedback_dp_step(device, True, True),
-        "ErrorFeedbackDP DPSGD-GC (as run)": error_feedback_dp_step(device, False, True),
-        "ErrorFeedbackDP DiceSGD (no backward)": error_feedback_dp_step(device, True, False),
+        "ErrorFeedbackDP DiceSGD (book-keeping)": error_feedback_dp_step(device, True, "book_keeping"),
+        "ErrorFeedbackDP DPSGD-GC (book-keeping)": error_feedback_dp_step(device, False, "book_keeping"),
+        "ErrorFeedbackDP DiceSGD (vmap)": error_feedback_dp_step(device, True, "vmap"),
         "opacus GradSampleModule": opacus_step(device, args.batch_size),
+        "opacus ghost clipping": opacus_ghost_clipping_step(device, args.batch_size),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
@@ -148,19 +184,22 @@ def main() -> None:
         f"GroupNorm ResNet-20, batch {args.batch_size}, {args.device}, {torch.get_num_threads()} threads, "
         f"{args.repeats} rounds x {args.steps} steps; load average {os.getloadavg()}"
     )
-    print(f"{'side':40s} {'median step (s)':>16s} {'range (s)':>20s}")
+    print("uptime:", subprocess.run(["uptime"], check=True, capture_output=True, text=True).stdout.strip())
+    print(f"{'side':42s} {'median step (s)':>16s} {'range (s)':>20s}")
     for name, values in times.items():
-        print(f"{name:40s} {median[name]:16.4f} {min(values):9.4f}-{max(values):<9.4f}")
+        print(f"{name:42s} {median[name]:16.4f} {min(values):9.4f}-{max(values):<9.4f}")
     best = {name: min(values) for name, values in times.items()}
     for label, stat in (("median", median), ("best (least disturbed by other load)", best)):
         print(f"ratios of the {label} step times:")
         for name in names[1:4]:
             vs_plain = stat[name] / stat["non-private"]
             vs_opacus = stat[name] / stat["opacus GradSampleModule"]
+            vs_ghost = stat[name] / stat["opacus ghost clipping"]
             print(
                 f"  {name}: {vs_plain:.2f}x non-private (goal <= {GOAL_VS_NON_PRIVATE}x: "
                 f"{'met' if vs_plain <= GOAL_VS_NON_PRIVATE else 'NOT met'}), {vs_opacus:.2f}x opacus (goal <= "
-                f"{GOAL_VS_OPACUS}x: {'met' if vs_opacus <= GOAL_VS_OPACUS else 'NOT met'})"
+                f"{GOAL_VS_OPACUS}x: {'met' if vs_opacus <= GOAL_VS_OPACUS else 'NOT met'}), "
+                f"{vs_ghost:.2f}x opacus ghost clipping"
             )
 
 

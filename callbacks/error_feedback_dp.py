@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -20,10 +20,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
+
 __all__ = ["ErrorFeedbackDP"]
 
 _NORM_EPS = 1e-6  # added to every norm before dividing (as opacus' clipping and the official DiceSGD code do)
 _MAX_BUDGET_STEPS = 2**40
+_PER_SAMPLE_METHODS = ("auto", "book_keeping", "vmap")
 
 
 def _check_opacus() -> None:
@@ -67,6 +70,10 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     return float(epsilon)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _clip_factor(norms: Tensor, clip_norm: float) -> Tensor:
     """``min(1, C / (||g|| + 1e-6))``: the factor that clips ``g`` to norm ``C`` (opacus' formula)."""
     return (clip_norm / (norms + _NORM_EPS)).clamp(max=1.0)
@@ -89,14 +96,30 @@ class ErrorFeedbackDP(Callback):
 
     Contract with the LightningModule (met by :class:`lit_methods.ImageClassifier` and its subclasses): the
     training batch is ``(inputs, targets, ...)``; ``module(inputs)`` is the forward pass and
-    ``module.compute_loss(outputs, targets)`` the *mean* loss over the batch. Per-sample gradients are
-    ``torch.func.vmap(grad(...))`` of that loss on one-sample batches (``functional_call`` over the trainable
-    parameters, buffers as they are), taken from the batch that ``training_step`` saw (captured in
-    ``on_train_batch_start``, after ``on_after_batch_transfer``). In ``on_before_optimizer_step`` every trainable
-    ``p.grad`` is overwritten with the privatized direction. This costs Lightning's ordinary backward plus the
-    per-sample pass: the ordinary gradient is discarded (a LightningModule with manual optimization could skip it).
-    ``training_step``'s returned loss must be that of the same batch; randomness (dropout) is drawn independently
-    per sample. BatchNorm mixes samples and is refused at setup: build the net with ``norm="groupnorm"``.
+    ``module.compute_loss(outputs, targets)`` the *mean* loss over the batch; ``training_step`` returns that loss
+    of that batch. In ``on_before_optimizer_step`` every trainable ``p.grad`` is overwritten with the privatized
+    direction. BatchNorm mixes samples and is refused at setup: build the net with ``norm="groupnorm"``.
+    Per-sample gradients come from one of two methods (``per_sample_method``):
+
+    - ``"book_keeping"`` (Bu et al., "Differentially Private Optimization on Large Model at Small Cost",
+      https://arxiv.org/abs/2210.00038, with ghost norms of Li et al., https://arxiv.org/abs/2110.05679): Lightning's
+      ordinary backward is the only backward. Hooks (:class:`callbacks.per_sample_clipping.BookKeeping`) record each
+      layer's input and output gradient; per-sample norms are computed from them (ghost norms where cheaper), and
+      the clipped sum is one matmul per layer. The raw mean that DiceSGD's buffer needs is the ordinary gradient
+      already in ``p.grad`` (under DDP already averaged over ranks: this equals the global raw mean when every
+      rank's batch has the same size, which is checked; unequal sizes raise). Supports trainable ``nn.Linear``,
+      ``nn.Conv2d`` (``groups=1``, zero padding), ``nn.GroupNorm`` and ``nn.LayerNorm`` layers, each run once per
+      training step; not under ``precision="16-mixed"`` (its loss scaling scales the recorded gradients).
+    - ``"vmap"``: ``torch.func.vmap(grad(...))`` of ``compute_loss`` on one-sample batches (``functional_call``
+      over the trainable parameters, buffers as they are) of the batch that ``training_step`` saw (captured in
+      ``on_train_batch_start``, after ``on_after_batch_transfer``); randomness (dropout) is drawn independently
+      per sample. Any layer type; costs Lightning's ordinary backward (whose gradient is discarded) plus a
+      per-sample pass that materializes every per-sample gradient.
+    - ``"auto"`` (default): book-keeping when the model and trainer meet its conditions, else vmap (chosen at
+      setup; :attr:`active_per_sample_method` says which).
+
+    Both give the same update up to float rounding (tested). With dropout, book-keeping clips the gradients of
+    the masks drawn in the ordinary forward.
 
     Sampling and accounting: epsilon comes from opacus' RDP accountant of the sub-sampled Gaussian mechanism with
     sample rate ``q = 1 / trainer.num_training_batches`` (one batch of ``B`` out of ``N ~ num_batches * B``
@@ -114,9 +137,10 @@ class ErrorFeedbackDP(Callback):
     (``trainer.should_stop``) after the last step whose epsilon stays within the budget; no step ever exceeds it
     (a step that would, e.g. forced by ``min_epochs``, raises).
 
-    Under DDP each rank clips its own samples; the clipped sums, raw sums (for the buffer) and sample counts are
-    summed over ranks with one all-reduce, and every rank draws the same noise from the callback's generator
-    (same seed and state), so the update equals the single-process update on the same global batch.
+    Under DDP each rank clips its own samples; the clipped sums and sample counts (vmap: also the raw sums for the
+    buffer; book-keeping takes the raw mean from DDP's averaged gradient) are summed over ranks with one
+    all-reduce, and every rank draws the same noise from the callback's generator (same seed and state), so the
+    update equals the single-process update on the same global batch.
 
     Args:
         clip_norm: per-sample clipping threshold ``C1`` (``> 0``; ``inf`` disables clipping).
@@ -129,6 +153,9 @@ class ErrorFeedbackDP(Callback):
         accountant_steps_per_step: how many accountant steps one optimizer step counts for (see above).
         seed: seed of the noise generator (the same on every rank).
         chunk_size: samples per ``vmap`` chunk (bounds the memory of the per-sample gradients); all at once if None.
+            Applies to the vmap method only.
+        per_sample_method: ``"auto"``, ``"book_keeping"`` (raises at setup when the model has a layer it cannot
+            handle, naming it) or ``"vmap"``; see above.
     """
 
     def __init__(
@@ -143,6 +170,7 @@ class ErrorFeedbackDP(Callback):
         accountant_steps_per_step: int | None = None,
         seed: int = 0,
         chunk_size: int | None = None,
+        per_sample_method: Literal["auto", "book_keeping", "vmap"] = "auto",
     ) -> None:
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
@@ -170,6 +198,12 @@ class ErrorFeedbackDP(Callback):
             raise ValueError(f"accountant_steps_per_step must be >= 1, got {accountant_steps_per_step}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if per_sample_method not in _PER_SAMPLE_METHODS:
+            raise ValueError(f"per_sample_method must be one of {_PER_SAMPLE_METHODS}, got {per_sample_method!r}")
+        if per_sample_method == "book_keeping" and chunk_size is not None:
+            raise ValueError(
+                f"chunk_size={chunk_size} applies to the vmap method, not to per_sample_method='book_keeping'"
+            )
         self.clip_norm = float(clip_norm)
         self.feedback_clip_norm = float(feedback_clip_norm if feedback_clip_norm is not None else clip_norm)
         self.noise_multiplier = noise_multiplier
@@ -179,6 +213,7 @@ class ErrorFeedbackDP(Callback):
         self.accountant_steps_per_step = accountant_steps_per_step
         self.seed = seed
         self.chunk_size = chunk_size
+        self.per_sample_method = per_sample_method
         _check_opacus()  # fail at construction when opacus is missing
         # state (checkpointed)
         self.sample_rate: float | None = None
@@ -190,6 +225,8 @@ class ErrorFeedbackDP(Callback):
         self._generator: torch.Generator | None = None
         self._batch: tuple[Tensor, Tensor] | None = None
         self._steps_allowed: int | None = None
+        self.active_per_sample_method: Literal["book_keeping", "vmap"] | None = None  # chosen at setup
+        self._book_keeping: BookKeeping | None = None
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -213,6 +250,44 @@ class ErrorFeedbackDP(Callback):
                 f"gradient_clip_val={trainer.gradient_clip_val} would rescale the privatized update: ErrorFeedbackDP "
                 "clips per sample (clip_norm); leave gradient_clip_val unset"
             )
+        self.active_per_sample_method = self._choose_method(trainer, pl_module)
+        if self.active_per_sample_method == "book_keeping":
+            self.attach_book_keeping(pl_module)
+
+    def _choose_method(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Literal["book_keeping", "vmap"]:
+        if self.per_sample_method == "vmap":
+            return "vmap"
+        unsupported = unsupported_trainable_layers(pl_module)
+        if unsupported:
+            reason = (
+                "book-keeping supports trainable Linear, Conv2d (groups=1, zero padding), GroupNorm and LayerNorm "
+                f"layers only; unsupported: {', '.join(unsupported)}"
+            )
+        elif trainer.precision == "16-mixed":
+            reason = "precision='16-mixed' scales the loss, and with it the gradients book-keeping records"
+        else:
+            return "book_keeping"
+        if self.per_sample_method == "book_keeping":
+            raise TypeError(f"ErrorFeedbackDP(per_sample_method='book_keeping'): {reason}; use 'vmap' or 'auto'")
+        return "vmap"
+
+    def attach_book_keeping(self, pl_module: nn.Module) -> None:
+        """Record ``pl_module``'s layer inputs and output gradients for :meth:`privatized_gradients_from_backward`.
+
+        Called at setup when book-keeping is chosen; call it by hand to use the callback outside a Trainer.
+        """
+        self.detach_book_keeping()
+        self._book_keeping = BookKeeping(pl_module)
+
+    def detach_book_keeping(self) -> None:
+        """Remove the book-keeping hooks (at teardown)."""
+        if self._book_keeping is not None:
+            self._book_keeping.remove()
+            self._book_keeping = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.detach_book_keeping()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.sample_rate is None:  # a fresh run (a resumed one keeps sample rate, noise and step factor)
@@ -296,7 +371,10 @@ class ErrorFeedbackDP(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._batch = (batch[0], batch[1])
+        if self.active_per_sample_method == "book_keeping":
+            self._book_keeping.clear()
+        else:
+            self._batch = (batch[0], batch[1])
 
     def on_before_optimizer_step(
         self,
@@ -304,13 +382,16 @@ class ErrorFeedbackDP(Callback):
         pl_module: L.LightningModule,
         optimizer: torch.optim.Optimizer,
     ) -> None:
-        if self._batch is None:
-            raise RuntimeError("ErrorFeedbackDP saw no training batch before the optimizer step")
         if self._steps_allowed is not None and self._steps_allowed <= 0:
             raise RuntimeError(f"the privacy budget target_epsilon={self.target_epsilon} is spent")
-        inputs, targets = self._batch
-        self._batch = None
-        update = self.privatized_gradients(pl_module, inputs, targets)
+        if self.active_per_sample_method == "book_keeping":
+            update = self.privatized_gradients_from_backward(pl_module)
+        else:
+            if self._batch is None:
+                raise RuntimeError("ErrorFeedbackDP saw no training batch before the optimizer step")
+            inputs, targets = self._batch
+            self._batch = None
+            update = self.privatized_gradients(pl_module, inputs, targets)
         for name, param in pl_module.named_parameters():
             if name in update:
                 param.grad = update[name].to(param.dtype)
@@ -349,7 +430,7 @@ class ErrorFeedbackDP(Callback):
         return per_sample(params, inputs, targets)
 
     def privatized_gradients(self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """The privatized update direction ``{name: tensor}`` of one step on this rank's batch (see the class doc).
+        """The privatized update direction ``{name: tensor}`` of one step on this rank's batch (vmap method).
 
         Updates the error buffer and draws the noise from the callback's generator; callable without a Trainer
         (with ``noise_multiplier`` given). Does not advance the accountant.
@@ -362,30 +443,86 @@ class ErrorFeedbackDP(Callback):
         count = torch.tensor([float(len(flat))], device=flat.device)
         parts = [factor @ flat] + ([flat.sum(0)] if self.error_feedback else []) + [count]
         sums = torch.cat(parts)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             dist.all_reduce(sums)  # clipped sums, raw sums and sample counts over all ranks
         size = flat.shape[1]
         batch_size = sums[-1]
-        direction = sums[:size] / batch_size
+        raw_mean = sums[size : 2 * size] / batch_size if self.error_feedback else None
+        return self._privatize(pl_module, names, sums[:size] / batch_size, raw_mean, batch_size)
+
+    def privatized_gradients_from_backward(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The privatized update direction of the step whose forward and backward just ran (book-keeping method).
+
+        Needs :meth:`attach_book_keeping` before that forward (done at setup), and the ordinary gradient in
+        ``p.grad`` (the batch-mean loss's, averaged over ranks under DDP). Otherwise as :meth:`privatized_gradients`.
+        """
+        if self._book_keeping is None:
+            raise RuntimeError("privatized_gradients_from_backward needs attach_book_keeping(pl_module) first")
+        local_batch, terms = self._book_keeping.terms()
+        self._book_keeping.clear()
+        names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
+        norms = torch.stack([terms[n].squared_norms for n in names]).sum(0).sqrt()
+        factor = _clip_factor(norms, self.clip_norm)
+        clipped = torch.cat([terms[n].weighted_sum(factor).flatten() for n in names])
+        del terms
+        count = float(local_batch)
+        sums = torch.cat([clipped, torch.tensor([count, count**2], device=clipped.device, dtype=clipped.dtype)])
+        if _distributed():
+            dist.all_reduce(sums)  # clipped sums, sample counts and squared counts over all ranks
+            world = dist.get_world_size()
+            total, total_squares = sums[-2].item(), sums[-1].item()
+            if world * total_squares != total**2:  # the same decision on every rank
+                raise RuntimeError(
+                    f"the {world} ranks' batch sizes differ (total {total:.0f}, sum of squares {total_squares:.0f}): "
+                    "DDP's averaged gradient is then not the global mean that book-keeping uses; make every rank's "
+                    "batch the same size (drop_last=True) or use per_sample_method='vmap'"
+                )
+        size = clipped.numel()
+        batch_size = sums[-2]
+        raw_mean = None
+        if self.error_feedback:
+            parameters = dict(pl_module.named_parameters())
+            raw_mean = torch.cat(
+                [
+                    (parameters[n].grad if parameters[n].grad is not None else torch.zeros_like(parameters[n]))
+                    .detach()
+                    .flatten()
+                    .to(clipped.dtype)
+                    for n in names
+                ]
+            )
+        return self._privatize(pl_module, names, sums[:size] / batch_size, raw_mean, batch_size)
+
+    def _privatize(
+        self,
+        pl_module: L.LightningModule,
+        names: list[str],
+        clipped_mean: Tensor,
+        raw_mean: Tensor | None,
+        batch_size: Tensor,
+    ) -> dict[str, Tensor]:
+        """Error feedback, buffer update and noise on the global clipped mean (and raw mean for DiceSGD)."""
+        size = clipped_mean.numel()
+        direction = clipped_mean
         if self._generator is None:  # called outside a Trainer
-            self._generator = self._make_generator(flat.device)
+            self._generator = self._make_generator(clipped_mean.device)
         noise_stds = [self.noise_multiplier * self.clip_norm / batch_size]
         if self.error_feedback:
-            error = self._flat_error(pl_module, names, flat)
+            error = self._flat_error(pl_module, names, clipped_mean)
             fed_back = error * _clip_factor(error.norm(), self.feedback_clip_norm)
             direction = direction + fed_back
             if self.steps > 0:  # e_0 = 0 releases nothing: the second noise term starts at step 1 (official code)
                 noise_stds.append(self.noise_multiplier * self.feedback_clip_norm / batch_size)
-            error = error + sums[size : 2 * size] / batch_size - direction
+            error = error + raw_mean - direction
             self.error = dict(zip(names, self._unflatten(pl_module, names, error)))
         if self.noise_multiplier > 0:
             for std in noise_stds:  # independent draws, as in the official code
-                direction = direction + std * torch.randn(size, generator=self._generator, device=flat.device)
+                direction = direction + std * torch.randn(size, generator=self._generator, device=direction.device)
         return dict(zip(names, self._unflatten(pl_module, names, direction)))
 
     def _flat_error(self, pl_module: L.LightningModule, names: list[str], like: Tensor) -> Tensor:
         if not self.error:
-            return torch.zeros(like.shape[1], dtype=like.dtype, device=like.device)
+            return torch.zeros_like(like)
         return torch.cat([self.error[n].to(like.device).flatten() for n in names])
 
     @staticmethod

@@ -5,6 +5,7 @@ from datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100Da
 from datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
+from datamodules.hard_batches import HardBatchDataModule
 from datamodules.imagenet import (
     DownsampledImageNetDataModule,
     ImageNet100DataModule,
@@ -22,6 +23,7 @@ __all__ = [
     "DigitsDataModule",
     "DownsampledImageNetDataModule",
     "FashionMNISTDataModule",
+    "HardBatchDataModule",
     "ImageNet100DataModule",
     "ImageNetDataModule",
     "InMemoryVisionDataModule",

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
+from datamodules.ssl_views import SSLViewAugment, validate_scale, validate_view_counts
 from datamodules.subsets import long_tailed_indices, per_class_subset_indices
 from datamodules.transforms import (
     MultiView,
@@ -192,9 +193,18 @@ class InMemoryVisionDataModule(VisionDataModule):
             Cutout (Cubuk et al. 2020, arXiv:1909.13719). It transforms each image on its own, so it needs
             ``fast_loader=False`` (the fast path augments whole batches and rejects it).
         randaugment_magnitude: RandAugment's M on the paper's 0-10 scale.
-        ssl_views: training batches become ``([view_1, ..., view_n], labels)`` with SimCLR's CIFAR augmentation
-            (:func:`~datamodules.transforms.build_ssl_view_transforms`) for self-supervised methods; 0 is off.
-            Torchvision path only (``fast_loader=False``); validation and test batches stay single-view.
+        ssl_views: training batches become ``([view_1, ..., view_n, local_1, ..., local_m], labels)`` with
+            SimCLR's CIFAR augmentation for self-supervised methods; 0 is off, else the number of full-size
+            (global) views, >= 2. Per image in the torchvision path
+            (:func:`~datamodules.transforms.build_ssl_view_transforms`), batched on the device in the fast path
+            (:class:`~datamodules.ssl_views.SSLViewAugment`, same distribution); validation and test batches stay
+            single-view. ``crop_padding``, ``horizontal_flip`` and ``cutout_size`` do not apply to the views.
+        ssl_local_views: number of small multi-crop views after the global ones (Caron et al., SwAV,
+            arXiv:2006.09882); needs ``ssl_views`` and ``ssl_local_size``.
+        ssl_local_size: side of the local views (e.g. 16 for 32 x 32 images: SwAV's 96 / 224 of the side is 14).
+        ssl_global_scale: area fraction range of the global views' random resized crop: SimCLR's (0.08, 1) by
+            default, SwAV's multi-crop uses (0.14, 1).
+        ssl_local_scale: area fraction range of the local views (SwAV: (0.05, 0.14)).
         The other arguments are those of :class:`VisionDataModule`.
     """
 
@@ -220,6 +230,10 @@ class InMemoryVisionDataModule(VisionDataModule):
         randaugment_num_ops: int = 0,
         randaugment_magnitude: int = 9,
         ssl_views: int = 0,
+        ssl_local_views: int = 0,
+        ssl_local_size: int | None = None,
+        ssl_global_scale: tuple[float, float] = (0.08, 1.0),
+        ssl_local_scale: tuple[float, float] = (0.05, 0.14),
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -244,11 +258,20 @@ class InMemoryVisionDataModule(VisionDataModule):
         randaugment(randaugment_num_ops, randaugment_magnitude)  # validates both values
         if ssl_views == 1 or ssl_views < 0:
             raise ValueError(f"ssl_views must be 0 (off) or >= 2, got {ssl_views}")
-        if fast_loader and ssl_views:
+        if not ssl_views and (ssl_local_views or ssl_local_size is not None):
             raise ValueError(
-                f"ssl_views={ssl_views}: the self-supervised views use per-image colour jitter (torchvision path), "
-                "set fast_loader=False"
+                f"ssl_local_views={ssl_local_views}, ssl_local_size={ssl_local_size} need ssl_views >= 2 (got 0)"
             )
+        if ssl_views:
+            try:
+                validate_view_counts(ssl_views, ssl_local_views, ssl_local_size)
+                validate_scale("ssl_global_scale", ssl_global_scale)
+                validate_scale("ssl_local_scale", ssl_local_scale)
+            except ValueError as error:
+                raise ValueError(
+                    f"ssl_views={ssl_views}, ssl_local_views={ssl_local_views}, ssl_local_size={ssl_local_size}: "
+                    f"{error}"
+                ) from None
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if cutout_size < 0:
@@ -270,7 +293,24 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.randaugment_num_ops = randaugment_num_ops
         self.randaugment_magnitude = randaugment_magnitude
         self.ssl_views = ssl_views
-        self.augment = BatchAugment(self.mean, self.std, crop_padding, horizontal_flip, cutout_size, seed)
+        self.ssl_local_views = ssl_local_views
+        self.ssl_local_size = ssl_local_size
+        self.ssl_global_scale = tuple(ssl_global_scale)
+        self.ssl_local_scale = tuple(ssl_local_scale)
+        self.augment: BatchAugment | SSLViewAugment
+        if ssl_views:
+            self.augment = SSLViewAugment(
+                self.mean,
+                self.std,
+                ssl_views,
+                ssl_local_views,
+                ssl_local_size,
+                self.ssl_global_scale,
+                self.ssl_local_scale,
+                seed,
+            )
+        else:
+            self.augment = BatchAugment(self.mean, self.std, crop_padding, horizontal_flip, cutout_size, seed)
         self._augment_epoch: int | None = None
         self.train_images: Tensor | None = None
         self.train_labels: Tensor | None = None
@@ -323,7 +363,12 @@ class InMemoryVisionDataModule(VisionDataModule):
 
     def default_train_transforms(self) -> Callable:
         if self.ssl_views:
-            return MultiView(build_ssl_view_transforms(self.mean, self.std, self.image_size), self.ssl_views)
+            global_view = build_ssl_view_transforms(self.mean, self.std, self.image_size, *self.ssl_global_scale)
+            local_view = None
+            if self.ssl_local_views:
+                local_size = (self.ssl_local_size, self.ssl_local_size)
+                local_view = build_ssl_view_transforms(self.mean, self.std, local_size, *self.ssl_local_scale)
+            return MultiView(global_view, self.ssl_views, local_view, self.ssl_local_views)
         return build_train_transforms(
             self.mean,
             self.std,
@@ -370,7 +415,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         return self.test_dataloader()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Fast path: augment (training) or only normalize (evaluation) the ``uint8`` images on their device.
+        """Fast path: augment (training) or only normalize (evaluation) the ``uint8`` images on their device;
+        with ``ssl_views`` the training images become the list of views.
 
         The augmentation generator is re-seeded from ``(seed, rank, epoch)`` at the first training batch of every
         epoch, so each rank draws its own parameters and a run resumed at an epoch boundary continues exactly.

@@ -154,16 +154,11 @@ class BatchAugment:
         cutout_size: int = 0,
         seed: int = 0,
     ) -> None:
-        if len(mean) != len(std):
-            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+        self.mean, self.std = checked_normalization(mean, std)
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if cutout_size < 0:
             raise ValueError(f"cutout_size must be >= 0, got {cutout_size}")
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
         self.crop_padding = crop_padding
         self.horizontal_flip = horizontal_flip
         self.cutout_size = cutout_size
@@ -218,6 +213,15 @@ class BatchAugment:
             cy, cx = params["cy"].to(device, non_blocking=True), params["cx"].to(device, non_blocking=True)
             out = cutout(out, cy, cx, self.cutout_size)
         return out
+
+
+def checked_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` as float tuples, after checking they have as many channels and every std is positive."""
+    if len(mean) != len(std):
+        raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {tuple(std)}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def random_crop(images: Tensor, dy: Tensor, dx: Tensor, padding: int) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from datamodules.fast import cutout
+from datamodules.ssl_views import validate_scale
 
 __all__ = [
     "PAPER_MAGNITUDE_LEVELS",
@@ -88,26 +89,52 @@ def build_train_transforms(
 
 
 class MultiView:
-    """Apply ``transform`` ``num_views`` times to one image: the views of self-supervised methods."""
+    """Apply ``transform`` ``num_views`` times to one image, then ``local_transform`` ``num_local_views`` times:
+    the views of self-supervised methods, global views first (multi-crop: Caron et al. 2020, "Unsupervised Learning
+    of Visual Features by Contrasting Cluster Assignments", arXiv:2006.09882)."""
 
-    def __init__(self, transform: Callable, num_views: int = 2) -> None:
+    def __init__(
+        self,
+        transform: Callable,
+        num_views: int = 2,
+        local_transform: Callable | None = None,
+        num_local_views: int = 0,
+    ) -> None:
         if num_views < 2:
             raise ValueError(f"num_views must be >= 2, got {num_views}")
+        if num_local_views < 0:
+            raise ValueError(f"num_local_views must be >= 0, got {num_local_views}")
+        if (local_transform is None) != (num_local_views == 0):
+            raise ValueError(
+                f"num_local_views={num_local_views} and local_transform={local_transform!r}: give both or neither"
+            )
         self.transform = transform
         self.num_views = num_views
+        self.local_transform = local_transform
+        self.num_local_views = num_local_views
 
     def __call__(self, image: Any) -> list[Tensor]:
-        return [self.transform(image) for _ in range(self.num_views)]
+        views = [self.transform(image) for _ in range(self.num_views)]
+        if self.local_transform is not None:
+            views += [self.local_transform(image) for _ in range(self.num_local_views)]
+        return views
 
 
 def build_ssl_view_transforms(
-    mean: Sequence[float], std: Sequence[float], image_size: tuple[int, int], min_scale: float = 0.08
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: tuple[int, int],
+    min_scale: float = 0.08,
+    max_scale: float = 1.0,
 ) -> Callable:
     """One SimCLR view for CIFAR-sized images (Chen et al. 2020, arXiv:2002.05709, appendix B.9): random resized
-    crop, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization."""
+    crop to ``image_size`` covering ``min_scale`` to ``max_scale`` of the area, flip, colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization. The per-image counterpart of
+    :class:`datamodules.ssl_views.SSLViewAugment`; a multi-crop local view is this with a small ``image_size``."""
+    validate_scale("(min_scale, max_scale)", (min_scale, max_scale))
     return v2.Compose(
         [
-            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(min_scale, max_scale), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),

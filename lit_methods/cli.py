@@ -6,8 +6,9 @@ exist relative to the working directory is looked up under ``experiments/`` and 
 the package.
 
 Data facts are written into the model's config before anything is built: ``num_classes``, ``in_channels``,
-``image_size`` (and ``num_subgroups`` where a datamodule has subgroups) of the datamodule fill the parameters of the same names of the model and of every module given by
-``class_path`` among the model's arguments (the backbone), wherever the constructor accepts them. An explicit value
+``image_size``, the normalization ``mean`` and ``std`` (and ``num_subgroups`` where a datamodule has subgroups) of
+the datamodule fill the parameters of the same names of the model and of every module given by ``class_path`` among
+the model's arguments (the backbone, an augmentation), wherever the constructor accepts them. An explicit value
 that disagrees with the data is an error. Because they are
 filled into the config (not linked at instantiation), the saved ``config.yaml`` and the checkpoint's
 hyper-parameters hold them, and ``load_from_checkpoint`` rebuilds the model without the datamodule.
@@ -40,7 +41,7 @@ __all__ = [
     "resolve_config_path",
 ]
 
-DATA_FACTS = ("num_classes", "in_channels", "image_size", "num_subgroups")
+DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "num_subgroups")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 REDACTED = "<redacted>"
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
@@ -151,7 +152,7 @@ class LitMethodsCLI(LightningCLI):
 
 
 def fill_data_facts(config: Namespace) -> None:
-    """Write the datamodule's ``num_classes``/``in_channels``/``image_size`` into the model config (see module doc)."""
+    """Write the datamodule's facts (:data:`DATA_FACTS`) into the model config (see the module doc)."""
     if config.get("data") is None or config.get("model") is None:
         return
     parser = ArgumentParser(exit_on_error=False)

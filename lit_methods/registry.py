@@ -104,13 +104,19 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.unlearning.WorstCaseForget",
         ),
-        _entry(
+        MethodEntry(
             "projection-head",
             "Investigating the Benefits of Projection Head for Representation Learning",
             _ARXIV + "2403.11391",
             "self-supervised",
             "module",
             "lit_methods.ssl.ProjectionHeadStudy",
+            (
+                "experiments/projection-head/projection-head_resnet18_cifar10.yaml",
+                "experiments/projection-head/projection-head_convnet_digits.yaml",
+            ),
+            "partial",
+            "SimCLR with mlp/linear/none/fixed-reweight heads and kNN of pre/hidden/post-projection features; the paper's theory replication, spectral contrastive loss and supervised heads not included",
         ),
         MethodEntry(
             "ap",
@@ -156,13 +162,19 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.federated.FedoSSL",
         ),
-        _entry(
+        MethodEntry(
             "slimfit",
             "SlimFit: Memory-Efficient Fine-Tuning of Transformer-based Models Using Training Dynamics",
             _ARXIV + "2305.18513",
             "efficient fine-tuning",
             "callback",
             "callbacks.SlimFit",
+            (
+                "experiments/slimfit/slimfit_vit_cifar10.yaml",
+                "experiments/slimfit/slimfit_vit_digits.yaml",
+            ),
+            "partial",
+            "inter-layer freezing and 4-bit GELU activation storage; 8-bit attention/linear activations and frozen-LayerNorm pruning not yet",
         ),
         _entry(
             "polarization",
@@ -188,13 +200,20 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.robustness.CrossMax",
         ),
-        _entry(
+        MethodEntry(
             "ssl-ey",
             "Unconstrained Stochastic CCA: Unifying Multiview and Self-Supervised Learning",
             _ARXIV + "2310.01012",
             "self-supervised",
             "module",
             "lit_methods.ssl.SSLEY",
+            (
+                "experiments/ssl-ey/ssl-ey_resnet18_cifar10.yaml",
+                "experiments/ssl-ey/ssl-ey_resnet18_cifar100.yaml",
+                "experiments/ssl-ey/ssl-ey_convnet_digits.yaml",
+            ),
+            "available",
+            "SSL-EY and the stochastic CCA/PLS Eckhart-Young losses (losses.CCAEYLoss); solarization of the authors' augmentation not included",
         ),
         _entry(
             "lottery-ownership",
@@ -228,21 +247,34 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.nas.EEEANet",
         ),
-        _entry(
+        MethodEntry(
             "mlc",
             "Unsupervised Manifold Linearizing and Clustering",
             _ARXIV + "2301.01805",
             "clustering",
             "module",
             "lit_methods.ssl.MLC",
+            (
+                "experiments/mlc/mlc_resnet18_cifar10.yaml",
+                "experiments/mlc/mlc_convnet_digits.yaml",
+            ),
+            "partial",
+            "MCR2 with the doubly stochastic Sinkhorn membership and epoch clustering accuracy/NMI; the TCR/MoCo pretraining stage is missing and from random init it does not beat k-means on digits",
         ),
-        _entry(
+        MethodEntry(
             "selfie",
             "Selfie: Self-supervised Pretraining for Image Embedding",
             _ARXIV + "1906.02940",
             "self-supervised",
             "module",
             "lit_methods.ssl.Selfie",
+            (
+                "experiments/selfie/selfie_resnet50_cifar10.yaml",
+                "experiments/selfie/selfie-finetune_resnet50_cifar10.yaml",
+                "experiments/selfie/selfie_resnet20_fashion_mnist.yaml",
+            ),
+            "available",
+            "patch network, attention pooling, patch-choice loss; fine-tuning with SelfieFineTuner; no official code exists, the patch network is a whole backbone",
         ),
         _entry(
             "cuda-unlearnable",
@@ -281,13 +313,19 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.pruning.SparseThenPrune",
         ),
-        _entry(
+        MethodEntry(
             "hard-batches",
             "Can we learn better with hard samples?",
             _ARXIV + "2304.03486",
             "training schedule",
             "module",
-            "lit_methods.supervised.HardBatches",
+            "lit_methods.supervised.HardBatchClassifier",
+            (
+                "experiments/hard-batches/hard-batches_resnet18_cifar10.yaml",
+                "experiments/hard-batches/hard-batches_convnet_digits.yaml",
+            ),
+            "available",
+            "with datamodules.HardBatchDataModule; exact resume from checkpoints written at a pass boundary",
         ),
         MethodEntry(
             "bd-kd",
@@ -307,13 +345,19 @@ METHODS: dict[str, MethodEntry] = {
             "backbone",
             "lit_methods.nets.KDGQAViT",
         ),
-        _entry(
+        MethodEntry(
             "mixed-barlow-twins",
             "Guarding Barlow Twins Against Overfitting with Mixed Samples",
             _ARXIV + "2312.02151",
             "self-supervised",
             "module",
             "lit_methods.ssl.MixedBarlowTwins",
+            (
+                "experiments/mixed-barlow-twins/mixed-barlow-twins_resnet18_cifar10.yaml",
+                "experiments/mixed-barlow-twins/mixed-barlow-twins_convnet_digits.yaml",
+            ),
+            "available",
+            "Barlow Twins plus the mixed-sample regularizer (losses.MixedBarlowTwinsRegularizer, global-batch under DDP); SGD/LARS instead of the official Adam",
         ),
         _entry(
             "iir-snn",
@@ -323,13 +367,19 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.snn.IIRSNN",
         ),
-        _entry(
+        MethodEntry(
             "adv-finetune",
             "A Simple Fine-tuning Is All You Need: Robust Deep Learning Via Adversarial Fine-tuning",
             _ARXIV + "2012.13628",
             "robustness",
             "module",
-            "lit_methods.robustness.AdversarialFinetune",
+            "lit_methods.robustness.AdversarialFineTune",
+            (
+                "experiments/adv-finetune/adv-finetune_resnet18_cifar10.yaml",
+                "experiments/adv-finetune/adv-finetune_convnet_digits.yaml",
+            ),
+            "partial",
+            "PGD training/fine-tuning, PGD and AutoAttack (torchattacks) evaluation; the slow-start fast-decay schedule's constants are unconfirmed (ours)",
         ),
         MethodEntry(
             "ghost-bn",
@@ -400,17 +450,30 @@ METHODS: dict[str, MethodEntry] = {
             "evaluation",
             "metric",
             "lit_methods.supervised.MacroStd",
-            ("experiments/subgroup-fairness/subgroup-fairness_resnet18_cifar10b.yaml",),
-            "partial",
-            "CIFAR10-B/100-B and MacroStd; FlowAug not yet",
+            (
+                "experiments/subgroup-fairness/subgroup-fairness_resnet18_cifar10b.yaml",
+                "experiments/subgroup-fairness/subgroup-fairness_resnet18_cifar10b_flowaug.yaml",
+                "experiments/subgroup-fairness/flowaug_glow_cifar10.yaml",
+                "experiments/subgroup-fairness/flowaug_glow_digits.yaml",
+                "experiments/subgroup-fairness/subgroup-fairness_convnet_digits_flowaug.yaml",
+            ),
+            "available",
+            "CIFAR10-B/100-B, MacroStd, FlowAug on a Glow you train with FlowPretraining (the paper's pre-trained Glow is not published)",
         ),
-        _entry(
+        MethodEntry(
             "adapt",
             "Adaptive Precision Training (AdaPT)",
             _ARXIV + "2107.13490",
             "quantized training",
             "callback",
-            "callbacks.AdaPT",
+            "callbacks.AdaptivePrecision",
+            (
+                "experiments/adapt/adapt_resnet20_cifar10.yaml",
+                "experiments/adapt/adapt_resnet20_cifar100.yaml",
+                "experiments/adapt/adapt_convnet_digits.yaml",
+            ),
+            "available",
+            "fixed-point weights/gradients (and optionally activations) with per-layer precision switching; follows the official code where the card differs",
         ),
         _entry(
             "deps",
@@ -420,13 +483,19 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.nas.DEpS",
         ),
-        _entry(
+        MethodEntry(
             "hallucinator",
             "Hallucination Improves the Performance of Unsupervised Visual Representation Learning",
             _ARXIV + "2307.12168",
             "self-supervised",
             "module",
             "lit_methods.ssl.Hallucinator",
+            (
+                "experiments/hallucinator/hallucinator_resnet18_cifar10.yaml",
+                "experiments/hallucinator/hallucinator_convnet_digits.yaml",
+            ),
+            "available",
+            "option of SimCLR, SimSiam and MoCo v2 (hallucinator=true); ContrastiveCrop not included",
         ),
         _entry(
             "pndm",

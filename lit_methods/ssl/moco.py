@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lit_methods.losses.gather import distributed_is_on
 from lit_methods.ssl.base import SSLMethod, mlp_projector
+from lit_methods.ssl.hallucinator import Hallucinator
 
 __all__ = ["MoCoV2", "cosine_momentum"]
 
@@ -39,6 +40,11 @@ class MoCoV2(SSLMethod):
         temperature: InfoNCE temperature (0.2).
         base_momentum: EMA momentum at the start (0.99 here; MoCo v2 keeps 0.999 constant).
         final_momentum: EMA momentum at the end of training, reached along a cosine.
+        hallucinator: add the :class:`~lit_methods.ssl.hallucinator.Hallucinator`'s extra positives (Wu et al.,
+            https://arxiv.org/abs/2307.12168): each raw query ``p`` (before normalisation, as in the official code)
+            becomes ``[p; h]`` against the keys ``[k; k]``, and, as in the official code, the duplicated keys are
+            enqueued. Off (the default), the method is plain MoCo v2.
+        hallucinator_max_ratio: upper end of the Hallucinator's extrapolation ratio range (0.1).
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
 
@@ -51,6 +57,8 @@ class MoCoV2(SSLMethod):
         temperature: float = 0.2,
         base_momentum: float = 0.99,
         final_momentum: float = 1.0,
+        hallucinator: bool = False,
+        hallucinator_max_ratio: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)
@@ -60,6 +68,8 @@ class MoCoV2(SSLMethod):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}")
+        if not hallucinator_max_ratio > 0:
+            raise ValueError(f"hallucinator_max_ratio must be > 0, got {hallucinator_max_ratio}")
         self.projector = mlp_projector(self.num_features, projection_hidden_dim, projection_dim)
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -68,6 +78,7 @@ class MoCoV2(SSLMethod):
         self.final_momentum = final_momentum
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, projection_dim), dim=1))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+        self.hallucinator = Hallucinator(projection_dim, max_ratio=hallucinator_max_ratio) if hallucinator else None
         self._last_step = 0
 
     def keys(self, view: Tensor) -> Tensor:
@@ -82,8 +93,11 @@ class MoCoV2(SSLMethod):
         return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))
 
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
-        q1, q2 = (F.normalize(self.projector(f), dim=1) for f in features[:2])
+        p1, p2 = (self.projector(f) for f in features[:2])
         k1, k2 = self.keys(views[0]), self.keys(views[1])
+        if self.hallucinator is not None:
+            (p1, k2), (p2, k1) = self.hallucinator.extend(p1, k2), self.hallucinator.extend(p2, k1)
+        q1, q2 = F.normalize(p1, dim=1), F.normalize(p2, dim=1)
         loss = (self.info_nce(q1, k2) + self.info_nce(q2, k1)) / 2
         self.enqueue(torch.cat([k1, k2]))
         return loss

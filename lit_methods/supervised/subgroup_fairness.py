@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_methods.base import ImageClassifier
+from lit_methods.supervised.flowaug import FlowAug
 
 __all__ = ["MacroStd", "SubgroupClassifier"]
 
@@ -64,19 +65,27 @@ class MacroStd(Metric):
 class SubgroupClassifier(ImageClassifier):
     """:class:`~lit_methods.ImageClassifier` that also reports subgroup discrepancy on test batches
     ``(images, labels, subgroups)`` (e.g. from :class:`datamodules.CIFAR10BDataModule`): ``test/macro_std`` and
-    ``test/worst_subgroup_acc`` (the lowest accuracy over the non-empty (class, subgroup) cells).
+    ``test/worst_subgroup_acc`` (the lowest accuracy over the non-empty (class, subgroup) cells). With
+    ``flow_augmentation`` the training images pass through :class:`~lit_methods.supervised.FlowAug` (the paper's
+    semantic augmentation) after the datamodule's augmentation.
 
     Args:
         num_subgroups: number of subgroups (8 background colours in CIFAR10-B; linked from the datamodule).
+        flow_augmentation: FlowAug applied to training batches, or None.
         **kwargs: the arguments of :class:`~lit_methods.ImageClassifier`.
     """
 
-    def __init__(self, backbone: nn.Module, num_subgroups: int = 8, **kwargs: Any) -> None:
+    def __init__(
+        self, backbone: nn.Module, num_subgroups: int = 8, flow_augmentation: FlowAug | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(backbone, **kwargs)
         self.num_subgroups = num_subgroups
+        self.flow_augmentation = flow_augmentation
         self.test_macro_std = MacroStd(self.num_classes, num_subgroups)
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        if stage == "train" and self.flow_augmentation is not None:
+            batch = (self.flow_augmentation(batch[0]), *batch[1:])
         loss, logits, targets = super().shared_step(batch, stage)
         if stage == "test" and len(batch) > 2:
             self.test_macro_std.update(logits.detach(), targets, batch[2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from datamodules import DigitsDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.ssl import MoCoV2, cosine_momentum
+from tests.ddp_helpers import run_distributed
 from tests.helpers import cpu_trainer
 
 
@@ -101,3 +103,37 @@ def test_zero_momentum_copies_the_online_encoder_and_one_freezes_it(tmp_path):
         expected = list(model.backbone.parameters()) if tau == 0.0 else start
         for target, reference in zip(model.momentum_backbone.parameters(), expected):
             torch.testing.assert_close(target, reference.detach())
+
+
+class RecordingMoCo(MoCoV2):
+    """MoCo v2 that keeps the keys this rank computed in its last step (before they are gathered)."""
+
+    def enqueue(self, keys: torch.Tensor) -> None:
+        self.local_keys = keys.detach().clone()
+        super().enqueue(keys)
+
+
+def _recording_moco() -> RecordingMoCo:
+    torch.manual_seed(0)
+    net = ConvNet(num_classes=10, in_channels=1, depth=2, width=8, norm="batchnorm", image_size=8)
+    return RecordingMoCo(net, projection_hidden_dim=16, projection_dim=8, queue_size=40)
+
+
+def _queue_after_one_ddp_step(tmp_dir: str) -> tuple[np.ndarray, np.ndarray, int]:
+    model = _recording_moco()
+    trainer = cpu_trainer(devices=2, strategy="ddp", max_steps=1, limit_val_batches=0, default_root_dir=tmp_dir)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=8, fast_loader=False, ssl_views=2, num_workers=0))
+    # numpy arrays travel back by value (tensors would be shared through the exiting worker's file descriptors)
+    return model.local_keys.numpy(), model.queue.numpy(), int(model.queue_pointer)
+
+
+@pytest.mark.ddp
+def test_queue_under_ddp_holds_every_ranks_keys_in_rank_order(tmp_path):
+    (keys0, queue0, pointer0), (keys1, queue1, pointer1) = run_distributed(_queue_after_one_ddp_step, str(tmp_path))
+    keys0, queue0, keys1, queue1 = (torch.from_numpy(a) for a in (keys0, queue0, keys1, queue1))
+    assert keys0.shape == keys1.shape == (16, 8) and not torch.allclose(keys0, keys1)  # 2 views x 8 images a rank
+    torch.testing.assert_close(queue0, queue1)  # every rank holds the same queue
+    torch.testing.assert_close(queue0[:16], keys0)  # rank 0's keys, then rank 1's
+    torch.testing.assert_close(queue0[16:32], keys1)
+    torch.testing.assert_close(queue0[32:], _recording_moco().queue[32:])  # the older entries are untouched
+    assert pointer0 == pointer1 == 32  # advanced by the global number of keys (2 views x 8 images x 2 ranks)

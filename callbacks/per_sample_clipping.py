@@ -1,0 +1,245 @@
+"""Per-sample gradient norms and clipped gradient sums from one ordinary backward ("book-keeping").
+
+Bu, Mao, Xu, Karypis, "Differentially Private Optimization on Large Model at Small Cost" (book-keeping, hybrid
+ghost norm), https://arxiv.org/abs/2210.00038; Li, Tramer, Liang, Hashimoto, "Large Language Models Can Be Strong
+Differentially Private Learners" (ghost clipping), https://arxiv.org/abs/2110.05679.
+
+Forward hooks keep each supported layer's input ``a``; a tensor hook on its output keeps the gradient ``g`` of the
+loss with respect to that output, during the one ordinary backward. A Linear or Conv2d weight's per-sample gradient
+is ``G_i = g_i^T a_i`` with ``a_i`` of shape ``(T, d_in)`` (Conv2d: the unfolded input, ``T`` output positions) and
+``g_i`` of shape ``(T, d_out)``. Its squared norm is taken either from ``G_i`` (materialized) or, without forming
+``G_i``, as ``sum((a_i a_i^T) * (g_i g_i^T))`` (ghost norm). The clipped sum ``sum_i c_i G_i`` is then one matmul
+over the batch (ghost layers) or a weighted sum of the materialized ``G_i``; no second backward is run.
+
+Which rule: the paper's hybrid picks the one of less memory (ghost when ``2 T^2 < d_in d_out``). But the ghost
+norm's ``T^2 (d_in + d_out)`` multiply-adds come on top of the clipped sum's matmul (``T d_in d_out``, the cost of
+materializing ``G_i``, after which the clipped sum is cheap): timed on CPU for ResNet-20's last stage (``T = 64``,
+576 -> 64, where the paper's rule picks ghost), materializing was faster. So ghost is used only when its norm costs
+under half the materializing matmul,
+``T (d_in + d_out) < d_in d_out / 2`` (which also implies the paper's memory condition): vector inputs (``T = 1``)
+and long sequences through wide layers. Conv2d per-sample weight gradients are materialized with
+``torch.func.vmap`` over the convolution's weight backward (a grouped convolution: on CPU several times faster than
+unfolding the input and a batched matmul for ResNet-20's first stages, about as fast for the last). Biases and
+GroupNorm/LayerNorm affine parameters have small per-sample gradients, which are materialized (opacus' per-layer
+rules for the norm layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["BookKeeping", "unsupported_trainable_layers"]
+
+_NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    if any(name not in ("weight", "bias") for name, _ in module.named_parameters(recurse=False)):
+        return False  # e.g. torch.nn.utils.prune's "weight_orig": the layer computes its weight
+    if type(module) is nn.Conv2d:
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return type(module) in (nn.Linear, nn.GroupNorm, nn.LayerNorm)
+
+
+def unsupported_trainable_layers(model: nn.Module) -> list[str]:
+    """``"name (Type)"`` of every module that owns a trainable parameter and that :class:`BookKeeping` cannot handle.
+
+    Supported: ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, ``padding_mode="zeros"``; any stride, padding, dilation),
+    ``nn.GroupNorm`` and ``nn.LayerNorm``, each called once per forward; Conv2d's padding given as numbers (not
+    ``"same"``/``"valid"``).
+    """
+    return [
+        f"{name!r} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and not _is_supported(module)
+    ]
+
+
+@dataclass
+class _Term:
+    """One parameter's per-sample squared gradient norms and how to sum its per-sample gradients with weights."""
+
+    squared_norms: Tensor  # (B,)
+    weighted_sum: Callable[[Tensor], Tensor]  # (B,) weights -> a tensor of the parameter's shape
+
+
+def _materialized(per_sample: Tensor) -> _Term:
+    return _Term(
+        squared_norms=per_sample.flatten(1).pow(2).sum(1),
+        weighted_sum=lambda weights: torch.einsum("n,n...->...", weights, per_sample),
+    )
+
+
+def _use_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
+    return 2 * positions * (d_in + d_out) < d_in * d_out
+
+
+def _ghost_term(rows_in: Tensor, rows_out: Tensor, shape: torch.Size) -> _Term:
+    """Ghost norm of a weight mapping rows ``(B, T, d_in) -> (B, T, d_out)``, and its weighted sum as one matmul."""
+    positions = rows_in.shape[1]
+    if positions == 1:
+        squared_norms = rows_in.pow(2).sum((1, 2)) * rows_out.pow(2).sum((1, 2))
+    else:
+        gram_in = torch.bmm(rows_in, rows_in.transpose(1, 2))
+        gram_out = torch.bmm(rows_out, rows_out.transpose(1, 2))
+        squared_norms = (gram_in * gram_out).sum((1, 2))
+
+    def weighted_sum(weights: Tensor) -> Tensor:
+        weighted_out = (rows_out * weights[:, None, None]).flatten(0, 1)
+        return (weighted_out.T @ rows_in.flatten(0, 1)).view(shape)
+
+    return _Term(squared_norms=squared_norms, weighted_sum=weighted_sum)
+
+
+def _layer_terms(module: nn.Module, inputs: Tensor, output_grads: Tensor) -> dict[str, _Term]:
+    """Terms of ``module``'s trainable parameters (local names), with ``output_grads`` already per-sample scaled."""
+    trainable = {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+    terms: dict[str, _Term] = {}
+    if isinstance(module, _NORM_LAYERS):
+        from opacus.grad_sample import GradSampleModule
+
+        per_sample = GradSampleModule.GRAD_SAMPLERS[type(module)](module, [inputs], output_grads)
+        return {name: _materialized(per_sample[p]) for name, p in trainable.items()}
+    batch = inputs.shape[0]
+    inputs = inputs.to(output_grads.dtype)
+    if isinstance(module, nn.Conv2d):
+        rows_out = output_grads.reshape(batch, module.out_channels, -1).transpose(1, 2)
+        d_in = module.weight[0].numel()
+        if "weight" in trainable and _use_ghost_norm(rows_out.shape[1], d_in, module.out_channels):
+            from opacus.utils.tensor_utils import unfold2d
+
+            rows_in = unfold2d(
+                inputs,
+                kernel_size=module.kernel_size,
+                padding=module.padding,
+                stride=module.stride,
+                dilation=module.dilation,
+            ).transpose(1, 2)
+            terms["weight"] = _ghost_term(rows_in, rows_out, module.weight.shape)
+        elif "weight" in trainable:
+            terms["weight"] = _materialized(_conv_weight_per_sample(module, inputs, output_grads))
+    else:  # Linear: (B, ..., d) -> (B, T, d)
+        rows_in = inputs.reshape(batch, -1, module.in_features)
+        rows_out = output_grads.reshape(batch, -1, module.out_features)
+        if "weight" in trainable:
+            if _use_ghost_norm(rows_in.shape[1], module.in_features, module.out_features):
+                terms["weight"] = _ghost_term(rows_in, rows_out, module.weight.shape)
+            else:
+                per_sample = torch.bmm(rows_out.transpose(1, 2), rows_in)
+                terms["weight"] = _materialized(per_sample.view(-1, *module.weight.shape))
+    if "bias" in trainable:
+        terms["bias"] = _materialized(rows_out.sum(1))
+    return terms
+
+
+def _conv_weight_per_sample(module: nn.Conv2d, inputs: Tensor, output_grads: Tensor) -> Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)``: the weight backward of each one-sample convolution."""
+    weight = module.weight.detach().to(output_grads.dtype)
+
+    def weight_gradient(sample_input: Tensor, sample_output_grad: Tensor) -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            sample_output_grad[None],
+            sample_input[None],
+            weight,
+            None,
+            list(module.stride),
+            list(module.padding),
+            list(module.dilation),
+            False,
+            [0, 0],
+            module.groups,
+            [False, True, False],
+        )[1]
+
+    return torch.func.vmap(weight_gradient)(inputs, output_grads)
+
+
+class BookKeeping:
+    """Per-sample gradient norms and weighted (clipped) gradient sums of ``model``'s trainable parameters.
+
+    Hooks are registered at construction and removed by :meth:`remove`. A forward in training mode with autograd
+    enabled records each supported layer's input and, during the backward, the gradient of its output; the loss
+    must be a mean over the batch (per-sample gradients are ``B`` times the recorded ones, ``B`` the batch size).
+    :meth:`clear` drops the records. Raises ``TypeError`` naming the layers when a trainable parameter belongs to a
+    module that is not supported (see :func:`unsupported_trainable_layers`).
+
+    Args:
+        model: the module whose trainable parameters are tracked; parameter names are ``model.named_parameters()``'s.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        unsupported = unsupported_trainable_layers(model)
+        if unsupported:
+            raise TypeError(
+                "book-keeping per-sample clipping supports trainable Linear, Conv2d (groups=1, zero padding), "
+                f"GroupNorm and LayerNorm layers only; unsupported: {', '.join(unsupported)}"
+            )
+        self._layers = {
+            module: name
+            for name, module in model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))
+        }
+        self._records: dict[nn.Module, list[list[Tensor | None]]] = {}
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_hook(self._record) for module in self._layers
+        ]
+
+    def _record(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+            return
+        record: list[Tensor | None] = [args[0].detach(), None]
+        self._records.setdefault(module, []).append(record)
+
+        def keep_gradient(gradient: Tensor) -> None:
+            record[1] = gradient.detach()
+
+        output.register_hook(keep_gradient)
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks and the records."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def terms(self) -> tuple[int, dict[str, _Term]]:
+        """The batch size and each trainable parameter's terms (full names) of the recorded forward/backward."""
+        if not self._records:
+            raise RuntimeError("book-keeping recorded no training forward/backward (no layer saw a grad-enabled batch)")
+        batch_sizes = {records[0][0].shape[0] for records in self._records.values()}
+        if len(batch_sizes) != 1:
+            raise RuntimeError(f"the recorded layers saw different batch sizes {sorted(batch_sizes)}")
+        (batch,) = batch_sizes
+        terms: dict[str, _Term] = {}
+        for module, name in self._layers.items():
+            records = self._records.get(module, [])
+            if len(records) > 1:
+                raise RuntimeError(
+                    f"layer {name!r} ran {len(records)} times in one training step (shared weights or several "
+                    "forwards before the backward): book-keeping needs one call per layer, use per-sample "
+                    'gradients "vmap"'
+                )
+            prefix = f"{name}." if name else ""
+            if not records or records[0][1] is None:  # the layer did not reach the loss: zero gradients
+                for local, p in module.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        zeros = torch.zeros(batch, device=p.device, dtype=p.dtype)
+                        terms[prefix + local] = _Term(zeros, lambda weights, p=p: torch.zeros_like(p))
+                continue
+            inputs, output_grads = records[0]
+            for local, term in _layer_terms(module, inputs, output_grads * batch).items():
+                terms[prefix + local] = term
+        return batch, terms
+
+    def per_sample_norms(self) -> Tensor:
+        """The global per-sample gradient norms ``(B,)`` over all trainable parameters of the recorded step."""
+        _, terms = self.terms()
+        return torch.stack([term.squared_norms for term in terms.values()]).sum(0).sqrt()

@@ -1,0 +1,297 @@
+"""Fixed mini-batches re-trained by their loss, the data side of DyBAT (Sahayam, Zakkam, Jayaraman, "Can we learn
+better with hard samples?", arXiv:2304.03486; official code ``imjohnzakkam/DyBAT``, ``run.py``).
+
+The training split is cut once into ``b`` fixed mini-batches (:class:`FixedBatches`). The first pass trains on every
+batch; every later pass trains only on the ``floor(delta * b)`` batches with the highest most recently recorded loss,
+in dataset order (:class:`HardBatchSelector`). Only the batches just trained refresh their loss; the others keep
+their stale loss and come back once the trained ones fall below them. The optimizer-step budget of ``epochs``
+ordinary epochs is ``epochs * b``: set ``trainer.max_steps`` to :meth:`HardBatchDataModule.budget_steps` and
+``max_epochs: -1``, so that Lightning "epochs" are passes of ``floor(delta * b)`` steps; validate every ``b`` steps
+with ``val_check_interval: b`` and ``check_val_every_n_epoch: null`` (see :class:`HardBatchLoader`).
+
+:class:`HardBatchDataModule` wraps any :class:`~datamodules.base.InMemoryVisionDataModule` (fast loader) and yields
+``(images, labels, batch_id)`` training batches; whoever computes the loss (the model) reports it through the
+documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses are saved with the datamodule
+in checkpoints, so a resumed run selects exactly as an uninterrupted one.
+
+Deviations from the official code, each a generalization that keeps its behaviour on one process: the fixed batches
+may be drawn from a seeded permutation (``shuffle=True``; the official loader uses dataset order, ``shuffle=False``),
+batches never given a loss (only possible with ``limit_train_batches``) rank as the hardest, and under DDP each rank
+owns a disjoint shard of the fixed batches and selects its top ``floor(delta * b_rank)`` among them, so every rank
+runs the same number of steps per pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from datamodules.base import InMemoryVisionDataModule
+
+__all__ = ["FixedBatches", "HardBatchDataModule", "HardBatchLoader", "HardBatchSelector"]
+
+
+class FixedBatches:
+    """``b`` fixed mini-batches of ``range(num_samples)`` built once, and this rank's disjoint shard of them.
+
+    Args:
+        num_samples: size of the training split.
+        batch_size: samples per batch; the last incomplete batch is dropped (as the official ``drop_last=True``).
+        shuffle: draw the batches from a permutation seeded by ``seed`` (once, never again); ``False`` keeps dataset
+            order, as the official code does.
+        seed: seed of that permutation.
+        rank: this process' rank; it owns batch ids ``rank, rank + world_size, ...``.
+        world_size: number of processes; the last ``b % world_size`` batches are left out so every rank owns
+            ``b // world_size`` batches.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid rank {rank} for world_size {world_size}")
+        num_batches = num_samples // batch_size
+        if num_batches < world_size:
+            raise ValueError(
+                f"{num_samples} samples in batches of {batch_size} give {num_batches} full batches, fewer than the "
+                f"{world_size} ranks"
+            )
+        if shuffle:
+            order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(num_samples)
+        self.batches: list[Tensor] = list(order[: num_batches * batch_size].split(batch_size))
+        self.rank_batch_ids: list[int] = list(range(rank, (num_batches // world_size) * world_size, world_size))
+
+    def __len__(self) -> int:
+        """``b``, the number of fixed batches over all ranks."""
+        return len(self.batches)
+
+
+class HardBatchSelector:
+    """The recorded loss ``L[i]`` of every fixed batch and the choice of the batches of each pass.
+
+    Args:
+        num_batches: ``b``, the number of fixed batches (over all ranks).
+        delta: fraction of batches re-trained in every pass after the first, in (0, 1]; ``floor(delta * b)`` of
+            them (the official code truncates with ``int``); 1 is ordinary training on the fixed batches.
+    """
+
+    def __init__(self, num_batches: int, delta: float) -> None:
+        if not 0.0 < delta <= 1.0:
+            raise ValueError(f"delta must lie in (0, 1], got {delta}")
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.delta = delta
+        self.losses = torch.full((num_batches,), math.inf, dtype=torch.float64)
+
+    def num_selected(self, num_candidates: int) -> int:
+        """How many of ``num_candidates`` batches a pass after the first trains: ``floor(delta * num_candidates)``."""
+        count = math.floor(self.delta * num_candidates)
+        if count < 1:
+            raise ValueError(
+                f"delta={self.delta} selects no batch out of {num_candidates}: raise delta or use smaller batches"
+            )
+        return count
+
+    def select(self, candidate_ids: list[int]) -> list[int]:
+        """The ``floor(delta * len(candidate_ids))`` candidates with the highest recorded loss, in increasing id
+        order (ties keep the lower id)."""
+        ids = torch.tensor(candidate_ids, dtype=torch.long)
+        ranked = torch.argsort(self.losses[ids], descending=True, stable=True)
+        return ids[ranked[: self.num_selected(len(candidate_ids))]].sort().values.tolist()
+
+    def record(self, batch_ids: Tensor, losses: Tensor) -> None:
+        """Store the loss of each batch in ``batch_ids`` (the loss computed before that step's update)."""
+        batch_ids, losses = batch_ids.reshape(-1).long().cpu(), losses.reshape(-1).detach().double().cpu()
+        if len(batch_ids) != len(losses):
+            raise ValueError(f"{len(batch_ids)} batch ids but {len(losses)} losses")
+        if len(batch_ids) and not (0 <= int(batch_ids.min()) and int(batch_ids.max()) < len(self.losses)):
+            raise ValueError(f"batch ids {batch_ids.tolist()} outside [0, {len(self.losses)})")
+        self.losses[batch_ids] = losses
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses.clone(), "delta": self.delta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["losses"].shape != self.losses.shape:
+            raise ValueError(f"checkpoint holds {len(state['losses'])} batch losses, this data has {len(self.losses)}")
+        if state["delta"] != self.delta:
+            raise ValueError(f"checkpoint was trained with delta={state['delta']}, this run has delta={self.delta}")
+        self.losses = state["losses"].clone()
+
+
+class HardBatchLoader:
+    """Iterable of ``(images_uint8, labels, batch_id)`` over the batches of the current pass on this rank.
+
+    Pass ``p`` is set by Lightning through ``sampler.set_epoch(p)`` (the loader is its own sampler): pass 0 yields
+    every batch of the rank's shard in id order; later passes yield the selector's choice among them, computed when
+    the pass starts. ``batch_id`` is a one-element ``int64`` tensor.
+
+    Its length is that of the current pass. Lightning reads a loader's length once (pass 0's ``b``), so with the
+    default ``check_val_every_n_epoch=1`` it validates after pass 0 only: validate every ``n`` optimizer steps with
+    ``Trainer(val_check_interval=n, check_val_every_n_epoch=None)`` (the configs use ``n = b``, one epoch's worth).
+    """
+
+    batch_sampler = None
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, fixed: FixedBatches, selector: HardBatchSelector, pin_memory: bool
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.fixed = fixed
+        self.selector = selector
+        self.pin_memory = pin_memory
+        self.epoch = 0
+
+    @property
+    def sampler(self) -> HardBatchLoader:
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def pass_batch_ids(self) -> list[int]:
+        """Ids of the batches this rank trains in the current pass, in order."""
+        if self.epoch == 0:
+            return list(self.fixed.rank_batch_ids)
+        return self.selector.select(self.fixed.rank_batch_ids)
+
+    def __len__(self) -> int:
+        if self.epoch == 0:
+            return len(self.fixed.rank_batch_ids)
+        return self.selector.num_selected(len(self.fixed.rank_batch_ids))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for batch_id in self.pass_batch_ids():
+            index = self.fixed.batches[batch_id]
+            batch = (self.images[index], self.labels[index], torch.tensor([batch_id]))
+            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+
+
+class HardBatchDataModule(L.LightningDataModule):
+    """Trains on fixed mini-batches of ``datamodule`` with DyBAT's hard-batch re-training; evaluation is unchanged.
+
+    Training batches are ``(images, labels, batch_id)``; the module training on them calls
+    :meth:`record_batch_losses` once per step with the (all-gathered under DDP) batch ids and their losses.
+    ``num_classes``, ``in_channels``, ``image_size``, ``mean`` and ``std`` are those of ``datamodule``.
+
+    Args:
+        datamodule: the dataset, an :class:`~datamodules.base.InMemoryVisionDataModule` with ``fast_loader=True``;
+            its ``batch_size``, augmentation, validation and test splits are used as they are (the paper uses no
+            augmentation: ``crop_padding=0``, ``horizontal_flip=False``).
+        delta: fraction of the fixed batches re-trained in every pass after the first, in (0, 1] (paper: 0.2, 0.5,
+            0.8; 1 is ordinary training on fixed batches).
+        shuffle: build the fixed batches from a permutation seeded by ``datamodule.seed`` instead of dataset order.
+    """
+
+    def __init__(self, datamodule: InMemoryVisionDataModule, delta: float = 0.5, shuffle: bool = False) -> None:
+        super().__init__()
+        if not isinstance(datamodule, InMemoryVisionDataModule) or not datamodule.fast_loader:
+            raise ValueError(
+                f"HardBatchDataModule needs an InMemoryVisionDataModule with fast_loader=True, got {datamodule!r}"
+            )
+        if datamodule.ssl_views:
+            raise ValueError(f"ssl_views={datamodule.ssl_views}: hard-batch training is supervised")
+        if not 0.0 < delta <= 1.0:
+            raise ValueError(f"delta must lie in (0, 1], got {delta}")
+        self.datamodule = datamodule
+        self.delta = delta
+        self.shuffle = shuffle
+        self.fixed: FixedBatches | None = None
+        self.selector: HardBatchSelector | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- the data facts of the wrapped dataset ----------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.datamodule.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.datamodule.in_channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.datamodule.image_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.datamodule.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.datamodule.std
+
+    # -- what the training module calls ------------------------------------------------------------------------
+    def record_batch_losses(self, batch_ids: Tensor, losses: Tensor) -> None:
+        """Record the training loss of each fixed batch in ``batch_ids`` (1-D, every rank's batch of this step
+        under DDP, so the losses stay identical on every rank). Call it once per training step, with the loss
+        computed before the step's update."""
+        if self.selector is None:
+            raise RuntimeError("HardBatchDataModule.setup('fit') has not built the fixed batches yet")
+        self.selector.record(batch_ids, losses)
+
+    def budget_steps(self, epochs: int) -> int:
+        """Optimizer steps (per process) of ``epochs`` ordinary epochs over this rank's fixed batches: the value of
+        ``trainer.max_steps`` that gives hard-batch training the same compute as ``epochs`` epochs."""
+        if self.fixed is None:
+            raise RuntimeError("call setup('fit') first")
+        return epochs * len(self.fixed.rank_batch_ids)
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+        if stage in (None, "fit") and self.fixed is None:
+            rank, world_size = self.datamodule.rank_and_world_size()
+            num_samples = len(self.datamodule.train_labels)
+            self.fixed = FixedBatches(
+                num_samples, self.datamodule.batch_size, self.shuffle, self.datamodule.seed, rank, world_size
+            )
+            self.selector = HardBatchSelector(len(self.fixed), self.delta)
+            self.selector.num_selected(len(self.fixed.rank_batch_ids))  # rejects a delta that selects nothing
+            if self._pending_state is not None:
+                self.selector.load_state_dict(self._pending_state)
+                self._pending_state = None
+
+    def train_dataloader(self) -> HardBatchLoader:
+        if self.fixed is None or self.selector is None:
+            raise RuntimeError("HardBatchDataModule.setup('fit') has not built the fixed batches yet")
+        dm = self.datamodule
+        return HardBatchLoader(dm.train_images, dm.train_labels, self.fixed, self.selector, dm.pin_memory)
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The wrapped datamodule's augmentation/normalization; the batch id passes through untouched."""
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.selector is None else {"selector": self.selector.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "selector" not in state_dict:
+            return
+        if self.selector is None:
+            self._pending_state = state_dict["selector"]
+        else:
+            self.selector.load_state_dict(state_dict["selector"])

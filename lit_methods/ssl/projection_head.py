@@ -1,0 +1,175 @@
+"""The projection-head study of Xue, Gan, Ni, Joshi & Mirzasoleiman, "Investigating the Benefits of Projection Head for
+Representation Learning" (ICLR 2024, https://arxiv.org/abs/2403.11391).
+
+SimCLR trained with a choice of head (MLP, linear, none, or the paper's fixed reweighting head), and the evaluation of
+the representation at every depth from the pre-projection features to the post-projection output. The paper shows
+that features become increasingly unequally weighted with depth, so the pre-projection layer is less specialised to
+the training loss; it proposes the fixed diagonal reweighting head as an interpretable alternative to an MLP head.
+There is no official repository; the reweighting head follows ``ReweightProjectionHead`` of the authors' SpuCo fork
+(weights ``kappa ** -i``, not trained), kept here as a buffer rather than a frozen parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lit_methods.losses import NTXentLoss
+from lit_methods.ssl.base import SSLMethod
+from lit_methods.ssl.monitors import WeightedKNNClassifier
+
+__all__ = ["FixedReweightHead", "ProjectionHeadStudy", "knn_accuracy_by_depth"]
+
+HEADS = ("mlp", "linear", "none", "reweight")
+
+
+class FixedReweightHead(nn.Module):
+    """``h(r) = r * w`` with the fixed weights ``w_i = kappa ** -i``, ``i = 0 .. dim - 1`` (a buffer, never trained).
+
+    ``kappa = 1`` is the identity (training without a head); ``kappa > 1`` lets the loss weight the first dimensions
+    more than the last ones while the representation ``r`` itself stays evenly weighted.
+
+    Args:
+        dim: width of the representation.
+        kappa: decay factor, ``>= 1``; the smallest weight ``kappa ** -(dim - 1)`` must stay a normal float32 number
+            (a larger ``kappa`` would silently zero the last dimensions).
+    """
+
+    weights: Tensor
+
+    def __init__(self, dim: int, kappa: float) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if not kappa >= 1.0:
+            raise ValueError(f"kappa must be >= 1, got {kappa}")
+        weights = torch.tensor(float(kappa), dtype=torch.float64) ** -torch.arange(dim, dtype=torch.float64)
+        if weights[-1] < torch.finfo(torch.float32).tiny:
+            raise ValueError(
+                f"kappa={kappa} underflows float32 for dim={dim}: the last weight kappa**-{dim - 1} = "
+                f"{float(weights[-1]):.3g}; use a kappa closer to 1"
+            )
+        self.kappa = kappa
+        self.register_buffer("weights", weights.float())
+
+    def forward(self, representation: Tensor) -> Tensor:
+        return representation * self.weights
+
+
+class ProjectionHeadStudy(SSLMethod):
+    """SimCLR (NT-Xent between two views) with the head under study; downstream use takes the pre-projection features.
+
+    The head is a sequence of stages; :meth:`features_by_depth` returns the representation before the head
+    (``"pre_projection"``), after each intermediate stage (``"head_layer_1"``, ...) and after the head
+    (``"post_projection"``), and :func:`knn_accuracy_by_depth` evaluates each of them.
+
+    * ``"mlp"``: Linear - ReLU - Linear (SimCLR's head); depths pre_projection, head_layer_1 (after the ReLU),
+      post_projection.
+    * ``"linear"``: one Linear; depths pre_projection, post_projection.
+    * ``"reweight"``: :class:`FixedReweightHead` with ``kappa``; depths pre_projection, post_projection.
+    * ``"none"``: the loss is applied to the backbone features themselves; post_projection equals pre_projection.
+
+    Args:
+        head: the head's kind (above).
+        projection_hidden_dim: hidden width of the ``"mlp"`` head.
+        projection_dim: output width of the ``"mlp"`` and ``"linear"`` heads (the others keep the backbone width).
+        kappa: decay of the ``"reweight"`` head's weights (with the paper's d = 512 useful values lie near 1).
+        temperature: NT-Xent temperature (0.5 on CIFAR).
+        gather_distributed: under DDP, take negatives from every rank's batch.
+        **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: Literal["mlp", "linear", "none", "reweight"] = "mlp",
+        projection_hidden_dim: int = 2048,
+        projection_dim: int = 128,
+        kappa: float = 1.01,
+        temperature: float = 0.5,
+        gather_distributed: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(backbone, **kwargs)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if projection_hidden_dim < 1 or projection_dim < 1:
+            raise ValueError(f"projection widths must be >= 1, got {projection_hidden_dim}, {projection_dim}")
+        self.head = head
+        stages: list[nn.Module] = []
+        if head == "mlp":
+            stages = [
+                nn.Sequential(nn.Linear(self.num_features, projection_hidden_dim), nn.ReLU()),
+                nn.Linear(projection_hidden_dim, projection_dim),
+            ]
+        elif head == "linear":
+            stages = [nn.Linear(self.num_features, projection_dim)]
+        elif head == "reweight":
+            stages = [FixedReweightHead(self.num_features, kappa)]
+        self.projector = nn.Sequential(*stages)
+        self.loss_fn = NTXentLoss(temperature, gather_distributed=gather_distributed)
+
+    @property
+    def depth_names(self) -> list[str]:
+        """Names of the evaluated depths, from the backbone output to the head's output."""
+        intermediate = [f"head_layer_{i}" for i in range(1, len(self.projector))]
+        return ["pre_projection", *intermediate, "post_projection"]
+
+    def features_by_depth(self, images: Tensor) -> dict[str, Tensor]:
+        """The representation of ``images`` at each of :attr:`depth_names`."""
+        representation = self(images)
+        outputs = [representation]
+        for stage in self.projector:
+            representation = stage(representation)
+            outputs.append(representation)
+        if len(self.projector) == 0:  # no head: the loss sees the pre-projection features
+            outputs.append(representation)
+        return dict(zip(self.depth_names, outputs))
+
+    def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
+        z1, z2 = (self.projector(f) for f in features[:2])
+        return self.loss_fn(z1, z2)
+
+
+@torch.no_grad()
+def knn_accuracy_by_depth(
+    model: ProjectionHeadStudy,
+    bank_batches: Iterable[Any],
+    query_batches: Iterable[Any],
+    k: int = 200,
+    temperature: float = 0.1,
+) -> dict[str, float]:
+    """Weighted kNN top-1 accuracy of the representation at every depth of ``model`` (in eval mode).
+
+    Args:
+        model: the trained (or untrained) study module.
+        bank_batches: labelled ``(images, targets, ...)`` single-view batches forming the kNN bank (e.g. the
+            un-augmented training split).
+        query_batches: labelled batches to classify (e.g. the test split).
+        k: neighbours of the vote.
+        temperature: vote temperature (``exp(cos / temperature)`` weights, the monitors' kNN).
+
+    Returns:
+        ``{depth name: accuracy in [0, 1]}`` for every name of ``model.depth_names``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = {
+            name: WeightedKNNClassifier(model.probe.classifier.out_features, k=k, temperature=temperature)
+            for name in model.depth_names
+        }
+        for batch in bank_batches:
+            images, targets = batch[0].to(model.device), batch[1].to(model.device)
+            for name, features in model.features_by_depth(images).items():
+                metrics[name].update(bank_features=features.cpu(), bank_targets=targets.cpu())
+        for batch in query_batches:
+            images, targets = batch[0].to(model.device), batch[1].to(model.device)
+            for name, features in model.features_by_depth(images).items():
+                metrics[name].update(test_features=features.cpu(), test_targets=targets.cpu())
+        return {name: float(metric.compute()) for name, metric in metrics.items()}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,243 @@
+"""FlowAug, the semantic augmentation of Chiu, Chen & Ma, "Better May Not Be Fairer: A Study on Subgroup
+Discrepancy in Image Classification", ICCV 2023 (arXiv:2212.08649).
+
+An image is encoded by a multi-scale Glow into one latent per level; the coarsest latent (the object's shape) is
+kept and the finer latents (colour, texture, background statistics) are redrawn from the flow's prior at a
+temperature, then decoded. The flow comes from :class:`FlowPretraining` (maximum likelihood on the classifier's own
+training images); no pre-trained CIFAR Glow is downloadable here, so the paper's exact flow weights are not part of
+this package. Flow blocks come from ``normflows`` (``pip install 'lit-methods[flows]'``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lit_methods.base import WarmupCosine
+
+__all__ = ["FlowAug", "FlowPretraining", "build_glow"]
+
+
+def _normflows() -> Any:
+    try:
+        import normflows
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError("FlowAug needs normflows: pip install 'lit-methods[flows]'") from error
+    return normflows
+
+
+def build_glow(
+    in_channels: int,
+    image_size: int,
+    num_levels: int = 3,
+    blocks_per_level: int = 8,
+    hidden_channels: int = 128,
+) -> nn.Module:
+    """An unconditional multi-scale Glow (Kingma & Dhariwal, arXiv:1807.03039) from ``normflows``' blocks.
+
+    Level 0 is the coarsest latent (``in_channels * 2**(L+1)`` channels at ``image_size / 2**L``); level ``i > 0``
+    is the latent split off at resolution ``image_size / 2**(L-i)``. Every latent has a learnable diagonal
+    Gaussian prior. Inputs live in ``[0, 1]``.
+    """
+    nf = _normflows()
+    if num_levels < 1 or blocks_per_level < 1 or hidden_channels < 1:
+        raise ValueError(
+            f"num_levels, blocks_per_level and hidden_channels must be >= 1, got {num_levels}, "
+            f"{blocks_per_level}, {hidden_channels}"
+        )
+    if image_size % 2**num_levels:
+        raise ValueError(f"image_size={image_size} must be divisible by 2**num_levels={2**num_levels}")
+    priors, flows, merges = [], [], []
+    for level in range(num_levels):
+        channels = in_channels * 2 ** (num_levels + 1 - level)
+        flows.append([nf.flows.GlowBlock(channels, hidden_channels) for _ in range(blocks_per_level)])
+        flows[-1].append(nf.flows.Squeeze())
+        if level == 0:
+            shape = (channels, image_size // 2**num_levels, image_size // 2**num_levels)
+        else:
+            merges.append(nf.flows.Merge())
+            scale = 2 ** (num_levels - level)
+            shape = (in_channels * scale, image_size // scale, image_size // scale)
+        priors.append(nf.distributions.DiagGaussian(shape))
+    return nf.MultiscaleFlow(priors, flows, merges, class_cond=False)
+
+
+class FlowPretraining(L.LightningModule):
+    """Trains the Glow that :class:`FlowAug` uses, by maximum likelihood on a datamodule's training images.
+
+    Batches come normalized by the datamodule: they are mapped back to ``[0, 1]`` with ``mean``/``std`` (filled
+    from the datamodule by the CLI), dequantized with uniform noise, and the loss is the negative log-likelihood
+    in bits per dimension of 8-bit images (``train/bpd``, ``val/bpd``). Adam with warmup then cosine decay.
+
+    Args:
+        in_channels: image channels (filled from the datamodule by the CLI).
+        image_size: image side (filled from the datamodule by the CLI).
+        mean: per-channel normalization mean of the batches.
+        std: per-channel normalization standard deviation of the batches.
+        num_levels: Glow levels (multi-scale splits).
+        blocks_per_level: Glow blocks per level.
+        hidden_channels: width of the coupling networks.
+        lr: Adam learning rate.
+        warmup_steps: linear warmup in optimizer steps.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int | Sequence[int] = 32,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        num_levels: int = 3,
+        blocks_per_level: int = 8,
+        hidden_channels: int = 128,
+        lr: float = 1e-3,
+        warmup_steps: int = 200,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        side = image_size if isinstance(image_size, int) else image_size[0]
+        if not isinstance(image_size, int) and len(set(image_size)) != 1:
+            raise ValueError(f"the flow needs square images, got image_size={tuple(image_size)}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.flow = build_glow(in_channels, side, num_levels, blocks_per_level, hidden_channels)
+        self.to_unit_range = _Unnormalize(mean, std, in_channels)
+        self.lr = lr
+        self.warmup_steps = warmup_steps
+
+    def bits_per_dim(self, images: Tensor) -> Tensor:
+        """Mean negative log-likelihood of dequantized 8-bit ``images`` (in ``[0, 1]``), in bits per dimension."""
+        dequantized = (images * 255.0 + torch.rand_like(images)) / 256.0
+        dims = images[0].numel()
+        nll = -self.flow.log_prob(dequantized, None)
+        return (nll.mean() / dims + math.log(256.0)) / math.log(2.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.bits_per_dim(self.to_unit_range(batch[0]))
+        self.log("train/bpd", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/bpd", self.bits_per_dim(self.to_unit_range(batch[0])), on_epoch=True, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(min(self.warmup_steps, total), total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _Unnormalize(nn.Module):
+    """Maps normalized batches back to ``[0, 1]`` and back again."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], in_channels: int) -> None:
+        super().__init__()
+        mean_t, std_t = torch.as_tensor(list(mean), dtype=torch.float32), torch.as_tensor(list(std), dtype=torch.float32)
+        if mean_t.numel() not in (1, in_channels) or std_t.numel() not in (1, in_channels):
+            raise ValueError(f"mean={list(mean)} and std={list(std)} need 1 or in_channels={in_channels} values")
+        if (std_t <= 0).any():
+            raise ValueError(f"std must be > 0, got {list(std)}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std_t.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images * self.std + self.mean
+
+    def inverse(self, images: Tensor) -> Tensor:
+        return (images - self.mean) / self.std
+
+
+class FlowAug(nn.Module):
+    """Redraws the finer latents of a trained Glow to change an image's colour and texture, not its shape.
+
+    For each image picked with probability ``p``: ``z = flow.encode(x)``; the ``levels_to_resample`` finest
+    latents are replaced by ``loc + temperature * exp(log_scale) * eps`` of their priors (``temperature=0``
+    puts them at the prior mean); the coarse latents are kept; the decoded image (clamped to ``[0, 1]``, the
+    flow's image range) replaces ``x``; an image whose decoding is not finite (latents drawn far into a poorly
+    trained flow's tails) stays as it was and is counted in ``num_non_finite``. Inputs and outputs are normalized with ``mean``/``std`` like the
+    datamodule's batches. Without gradient; the flow stays frozen in eval mode.
+
+    Args:
+        flow_checkpoint: a :class:`FlowPretraining` checkpoint; give this or ``flow``.
+        flow: a ``normflows.MultiscaleFlow`` with diagonal Gaussian priors (e.g. from :func:`build_glow`).
+        levels_to_resample: how many of the finest levels to redraw (``1 .. num_levels - 1``; level 0 is kept).
+        temperature: scale of the redrawn latents' noise (``>= 0``).
+        p: probability that an image is augmented.
+        mean: per-channel normalization mean of the batches (filled from the datamodule by the CLI).
+        std: per-channel normalization standard deviation of the batches.
+    """
+
+    def __init__(
+        self,
+        flow_checkpoint: str | None = None,
+        flow: nn.Module | None = None,
+        levels_to_resample: int = 1,
+        temperature: float = 0.7,
+        p: float = 0.5,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ) -> None:
+        super().__init__()
+        if (flow_checkpoint is None) == (flow is None):
+            raise ValueError("give exactly one of flow_checkpoint and flow")
+        if flow_checkpoint is not None:
+            flow = FlowPretraining.load_from_checkpoint(flow_checkpoint, map_location="cpu").flow
+        assert flow is not None
+        priors = list(getattr(flow, "q0", []))
+        if not priors or not all(hasattr(q, "loc") and hasattr(q, "log_scale") for q in priors):
+            raise ValueError(f"{type(flow).__name__} is not a multi-scale flow with diagonal Gaussian priors (q0)")
+        if not 1 <= levels_to_resample < len(priors):
+            raise ValueError(f"levels_to_resample must lie in [1, {len(priors) - 1}], got {levels_to_resample}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must lie in [0, 1], got {p}")
+        self.flow = flow.eval().requires_grad_(False)
+        self.levels_to_resample = levels_to_resample
+        self.temperature = temperature
+        self.p = p
+        self.num_non_finite = 0
+        in_channels = int(priors[0].loc.shape[1]) // 2 ** (len(priors) + 1)
+        self.to_unit_range = _Unnormalize(mean, std, in_channels)
+
+    def train(self, mode: bool = True) -> FlowAug:
+        super().train(mode)
+        self.flow.eval()  # ActNorm and friends never change mode: the flow is a fixed transform
+        return self
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """Latents per level (coarsest first) of ``images`` in ``[0, 1]``."""
+        return self.flow.inverse_and_log_det(images)[0]
+
+    def decode(self, latents: list[Tensor]) -> Tensor:
+        """Images in ``[0, 1]`` (not clamped) from latents per level."""
+        return self.flow.forward_and_log_det(latents)[0]
+
+    def resample(self, latents: list[Tensor]) -> list[Tensor]:
+        """The latents with the ``levels_to_resample`` finest levels redrawn from their priors."""
+        fine = range(len(latents) - self.levels_to_resample, len(latents))
+        out = list(latents)
+        for level in fine:
+            prior = self.flow.q0[level]
+            noise = torch.randn_like(latents[level])
+            out[level] = (prior.loc + self.temperature * prior.log_scale.exp() * noise).expand_as(latents[level])
+        return out
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        picked = torch.rand(images.shape[0], device=images.device) < self.p
+        if not picked.any():
+            return images
+        unit = self.to_unit_range(images[picked]).clamp(0.0, 1.0)
+        augmented = self.decode(self.resample(self.encode(unit)))
+        finite = augmented.flatten(1).isfinite().all(dim=1)
+        self.num_non_finite += int((~finite).sum())
+        augmented = torch.where(finite[:, None, None, None], augmented.clamp(0.0, 1.0), unit)
+        out = images.clone()
+        out[picked] = self.to_unit_range.inverse(augmented).to(images.dtype)
+        return out

@@ -1,0 +1,197 @@
+"""PGD and adversarial fine-tuning: agreement with torchattacks, attack hygiene, the slow-start fast-decay schedule
+and the rise of robust accuracy on real digits."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from datamodules.digits import DigitsDataModule
+from lit_methods.base import ImageClassifier
+from lit_methods.nets import ConvNet
+from lit_methods.robustness.adversarial_finetune import AdversarialFineTune, SlowStartFastDecay
+from lit_methods.robustness.attacks import PixelNormalization, pgd_linf
+from tests.helpers import cpu_trainer
+
+torchattacks = pytest.importorskip("torchattacks")
+
+MEAN, STD = DigitsDataModule.mean, DigitsDataModule.std
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks: more threads only contend (the conftest restores the count)."""
+    torch.set_num_threads(1)
+
+
+def _backbone(norm: str = "batchnorm", seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    return ConvNet(num_classes=10, in_channels=1, depth=2, width=16, norm=norm, image_size=8)
+
+
+def _digit_pixels(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    from datamodules.digits import load_digits_uint8
+
+    images, labels = load_digits_uint8()
+    return images[:count].float() / 255.0, labels[:count]
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_equals_torchattacks_pgd(random_start):
+    model = nn.Sequential(PixelNormalization(MEAN, STD), _backbone()).eval()
+    pixels, labels = _digit_pixels()
+    eps, alpha, steps = 0.1, 0.02, 7
+    torch.manual_seed(1)
+    ours = pgd_linf(model, pixels, labels, eps, alpha, steps, random_start=random_start)
+    torch.manual_seed(1)
+    theirs = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)(pixels, labels)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert (ours - pixels).abs().max() <= eps + 1e-6 and ours.min() >= 0 and ours.max() <= 1
+    assert F.cross_entropy(model(ours), labels) > F.cross_entropy(model(pixels), labels)
+
+
+def test_attack_touches_neither_parameter_gradients_nor_inputs():
+    model = nn.Sequential(PixelNormalization(MEAN, STD), _backbone()).eval()
+    pixels, labels = _digit_pixels(16)
+    before = pixels.clone()
+    pgd_linf(model, pixels, labels, 0.1, 0.02, 3)
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(pixels, before)
+
+
+class BatchNormSteps(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tracked = int(pl_module.backbone.features[1].num_batches_tracked)
+
+
+@pytest.mark.parametrize(("attack_bn_mode", "expected_updates"), [("eval", 1), ("train", 1 + 3)])
+def test_attack_bn_mode_decides_whether_the_attack_updates_running_statistics(attack_bn_mode, expected_updates):
+    backbone = _backbone()
+    assert isinstance(backbone.features[1], nn.BatchNorm2d)
+    model = AdversarialFineTune(
+        backbone,
+        mean=MEAN,
+        std=STD,
+        eps=0.1,
+        alpha=0.02,
+        attack_steps=3,
+        attack_bn_mode=attack_bn_mode,
+        lr_schedule="constant",
+    )
+    counter = BatchNormSteps()
+    data = DigitsDataModule(batch_size=32, num_workers=0)
+    cpu_trainer(max_steps=1, limit_val_batches=0, callbacks=[counter]).fit(model, datamodule=data)
+    assert counter.tracked == expected_updates
+
+
+def _reference_factor(step: int, total: int, warmup_fraction: float, decay: str, final: float) -> float:
+    """The documented formula, written out independently."""
+    warmup = max(1, round(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup + 1) / (total - warmup)
+    return {
+        "exponential": final**p,
+        "linear": 1 - (1 - final) * p,
+        "cosine": final + (1 - final) * (1 + math.cos(math.pi * p)) / 2,
+    }[decay]
+
+
+@pytest.mark.parametrize("decay", ["exponential", "linear", "cosine"])
+def test_slow_start_fast_decay_shape(decay):
+    total, warmup_fraction, final = 200, 0.3, 0.01
+    schedule = SlowStartFastDecay(total, warmup_fraction, decay, final)
+    values = [schedule(step) for step in range(total)]
+    warmup = 60
+    assert values[0] == pytest.approx(1 / warmup)  # slow start from near zero
+    assert values[warmup - 1] == pytest.approx(1.0) and max(values) == pytest.approx(1.0)  # the peak
+    assert values[-1] == pytest.approx(final)  # ends at 1% of the peak
+    assert all(a < b for a, b in itertools.pairwise(values[:warmup]))
+    assert all(a > b for a, b in itertools.pairwise(values[warmup - 1 :]))
+    for step in (0, 10, warmup - 1, warmup, 100, 150, total - 1):
+        assert values[step] == pytest.approx(_reference_factor(step, total, warmup_fraction, decay, final))
+
+
+def test_bad_inputs_name_the_value():
+    pixels, labels = _digit_pixels(4)
+    model = nn.Sequential(PixelNormalization(MEAN, STD), _backbone())
+    with pytest.raises(ValueError, match="eps must be >= 0, got -0.1"):
+        pgd_linf(model, pixels, labels, -0.1, 0.01, 3)
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        AdversarialFineTune(_backbone(), mean=MEAN, std=STD, attack_steps=0)
+    with pytest.raises(ValueError, match="alpha must be > 0, got 0.0"):
+        AdversarialFineTune(_backbone(), mean=MEAN, std=STD, alpha=0.0)
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+        AdversarialFineTune(_backbone(), mean=MEAN, std=STD, eval_attack_steps=0)
+    with pytest.raises(ValueError, match="warmup_fraction must lie in \\(0, 1\\), got 1.0"):
+        AdversarialFineTune(_backbone(), mean=MEAN, std=STD, warmup_fraction=1.0)
+    with pytest.raises(ValueError, match="final_lr_fraction must lie in \\(0, 1\\) for exponential, got 0.0"):
+        SlowStartFastDecay(10, final_lr_fraction=0.0)
+    with pytest.raises(ValueError, match="std must be positive"):
+        PixelNormalization((0.5,), (0.0,))
+    wrong_mean = AdversarialFineTune(_backbone(), mean=(0.5,), std=STD)
+    with pytest.raises(ValueError, match="mean=\\(0.5,\\) but the datamodule has mean=\\(0.3053,\\)"):
+        cpu_trainer().validate(wrong_mean, datamodule=DigitsDataModule(num_workers=0), verbose=False)
+
+
+class LearningRates(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.values.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.slow
+def test_adversarial_fine_tuning_raises_robust_accuracy_on_digits(tmp_path):
+    """Digits, seed 0: a ConvNet pre-trained cleanly (5 epochs) is fine-tuned for 2 epochs against PGD-5 (eps 0.1
+    on [0, 1] pixels); accuracy under PGD-10 rises by >= 25 points, clean accuracy stays >= 85%, the LR follows the schedule
+    step by step and the pre-trained weights are what fine-tuning starts from."""
+    data = DigitsDataModule(batch_size=64, num_workers=0, seed=0)
+    pretrained = ImageClassifier(_backbone(), lr=0.05, lr_schedule="onecycle", weight_decay=5e-4)
+    trainer = cpu_trainer(max_epochs=5, limit_val_batches=0)
+    trainer.fit(pretrained, datamodule=data)
+    checkpoint = tmp_path / "pretrained.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    model = AdversarialFineTune(
+        _backbone(seed=1),
+        mean=MEAN,
+        std=STD,
+        eps=0.1,
+        alpha=0.025,
+        attack_steps=5,
+        eval_attack_steps=10,
+        pretrained_checkpoint=str(checkpoint),
+        lr=0.05,
+        warmup_fraction=0.3,
+        weight_decay=5e-4,
+        test_autoattack=True,
+    )
+    before = cpu_trainer().validate(model, datamodule=data, verbose=False)[0]
+    clean = cpu_trainer().validate(pretrained, datamodule=data, verbose=False)[0]
+    assert before["val/acc"] == clean["val/acc"]  # the pre-trained weights were loaded
+    rates = LearningRates()
+    fine_tune = cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[rates])
+    fine_tune.fit(model, datamodule=data)
+    after = cpu_trainer().validate(model, datamodule=data, verbose=False)[0]
+    print(
+        f"PGD-10 accuracy {before['val/robust_acc']:.3f} -> {after['val/robust_acc']:.3f}, "
+        f"clean {before['val/acc']:.3f} -> {after['val/acc']:.3f}"
+    )
+    assert after["val/robust_acc"] >= before["val/robust_acc"] + 0.25
+    assert after["val/acc"] >= 0.85
+    total = fine_tune.global_step
+    expected = [0.05 * _reference_factor(s, total, 0.3, "exponential", 0.01) for s in range(total)]
+    assert rates.values == pytest.approx(expected)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tested = cpu_trainer(limit_test_batches=1).test(model, datamodule=data, verbose=False)[0]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # no BN statistics moved
+    print(f"first test batch: PGD-10 {tested['test/robust_acc']:.3f}, AutoAttack {tested['test/autoattack_acc']:.3f}")
+    assert tested["test/autoattack_acc"] <= tested["test/robust_acc"] + 1 / 64  # AutoAttack is the stronger attack

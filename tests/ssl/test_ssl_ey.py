@@ -1,0 +1,97 @@
+"""SSL-EY: the training loss is the official formula on the projections plus the detached probe, the projector's
+shape, argument checks, and brief training on real digits improving kNN accuracy over the random init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules import DigitsDataModule
+from lit_methods.nets import ConvNet
+from lit_methods.ssl.monitors import WeightedKNNClassifier
+from lit_methods.ssl.ssl_ey import SSLEY
+from tests.helpers import cpu_trainer
+from tests.losses.test_eckhart_young import official_ssl_ey
+
+DIGITS_EPOCHS = 25
+
+
+def _net(width: int = 8) -> ConvNet:
+    return ConvNet(
+        num_classes=10,
+        in_channels=1,
+        depth=2,
+        width=width,
+        norm="batchnorm",
+        image_size=8,
+    )
+
+
+def test_training_loss_is_the_official_ssl_ey_loss_of_the_projections_plus_the_probe():
+    torch.manual_seed(0)
+    model = SSLEY(_net(), projection_hidden_dim=16, projection_dim=8)
+    g = torch.Generator().manual_seed(0)
+    views, labels = (
+        [torch.randn(6, 1, 8, 8, generator=g) for _ in range(2)],
+        torch.randint(0, 10, (6,)),
+    )
+    total = model.training_step((views, labels), 0)
+    features = [model(v) for v in views]
+    probe_loss, _ = model.probe(features[0], labels)
+    expected = official_ssl_ey(model.projector(features[0]), model.projector(features[1])) + probe_loss
+    torch.testing.assert_close(total, expected)
+
+
+def test_projector_follows_the_official_expander():
+    model = SSLEY(_net(), projection_hidden_dim=16, projection_dim=8)
+    linears = [m for m in model.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(32, 16), (16, 8)]
+    assert linears[-1].bias is None and isinstance(model.projector[1], torch.nn.BatchNorm1d)
+    deep = SSLEY(_net(), projection_hidden_dim=16, projection_dim=8, projection_layers=3)
+    assert [m.out_features for m in deep.projector if isinstance(m, torch.nn.Linear)] == [16, 16, 8]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"projection_dim": 0}, "projection_dim=0"),
+        ({"projection_layers": 0}, "projection_layers=0"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SSLEY(_net(), **kwargs)
+
+
+def knn_accuracy(model: torch.nn.Module, seed: int = 0) -> float:
+    """Weighted kNN (k=20, T=0.1) accuracy of eval-mode backbone features: the un-augmented train split as the
+    bank, the test split as queries (the datamodule's split and normalization)."""
+    dm = DigitsDataModule(seed=seed)
+
+    def features(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = dm.load_split(train)
+        with torch.no_grad():
+            return model((images.float() / 255 - dm.mean[0]) / dm.std[0]), labels
+
+    knn = WeightedKNNClassifier(10, k=20, temperature=0.1)
+    (bank, bank_labels), (test, test_labels) = features(True), features(False)
+    knn.update(bank_features=bank, bank_targets=bank_labels, test_features=test, test_targets=test_labels)
+    return float(knn.compute())
+
+
+@pytest.mark.slow
+def test_brief_training_on_digits_improves_knn_accuracy_over_the_random_init(tmp_path):
+    torch.set_num_threads(1)  # a tiny net: threads only contend on a loaded machine
+    torch.manual_seed(0)
+    model = SSLEY(_net(width=32), projection_hidden_dim=64, projection_dim=64, lr=0.05, knn_k=20)
+    model.eval()
+    before = knn_accuracy(model)
+    model.train()
+    trainer = cpu_trainer(
+        max_epochs=DIGITS_EPOCHS, gradient_clip_val=1.0, limit_val_batches=0, default_root_dir=tmp_path
+    )
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, fast_loader=False, ssl_views=2, num_workers=0))
+    model.eval()
+    after = knn_accuracy(model)
+    print(f"SSL-EY digits eval-mode kNN accuracy, seed 0: random init {before:.3f} -> trained {after:.3f}")
+    assert after > before
