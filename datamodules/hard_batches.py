@@ -11,8 +11,10 @@ with ``val_check_interval: b`` and ``check_val_every_n_epoch: null`` (see :class
 
 :class:`HardBatchDataModule` wraps any :class:`~datamodules.base.InMemoryVisionDataModule` (fast loader) and yields
 ``(images, labels, batch_id)`` training batches; whoever computes the loss (the model) reports it through the
-documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses are saved with the datamodule
-in checkpoints, so a resumed run selects exactly as an uninterrupted one.
+documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses and the loader's position
+(pass, its chosen batches, how many were trained) are saved with the datamodule in checkpoints, so a run resumed
+from any checkpoint (end of a Lightning epoch, validation end, mid-pass) trains exactly as an uninterrupted one
+(see :class:`HardBatchLoader` for how Lightning re-enters the saved epoch).
 
 Deviations from the official code, each a generalization that keeps its behaviour on one process: the fixed batches
 may be drawn from a seeded permutation (``shuffle=True``; the official loader uses dataset order, ``shuffle=False``),
@@ -110,7 +112,7 @@ class HardBatchSelector:
 
     def record(self, batch_ids: Tensor, losses: Tensor) -> None:
         """Store the loss of each batch in ``batch_ids`` (the loss computed before that step's update)."""
-        batch_ids, losses = batch_ids.reshape(-1).long().cpu(), losses.reshape(-1).detach().double().cpu()
+        batch_ids, losses = (batch_ids.reshape(-1).long().cpu(), losses.reshape(-1).detach().double().cpu())
         if len(batch_ids) != len(losses):
             raise ValueError(f"{len(batch_ids)} batch ids but {len(losses)} losses")
         if len(batch_ids) and not (0 <= int(batch_ids.min()) and int(batch_ids.max()) < len(self.losses)):
@@ -133,11 +135,39 @@ class HardBatchLoader:
 
     Pass ``p`` is set by Lightning through ``sampler.set_epoch(p)`` (the loader is its own sampler): pass 0 yields
     every batch of the rank's shard in id order; later passes yield the selector's choice among them, computed when
-    the pass starts. ``batch_id`` is a one-element ``int64`` tensor.
+    the pass's first batch is drawn. ``batch_id`` is a one-element ``int64`` tensor.
 
-    Its length is that of the current pass. Lightning reads a loader's length once (pass 0's ``b``), so with the
-    default ``check_val_every_n_epoch=1`` it validates after pass 0 only: validate every ``n`` optimizer steps with
+    Its length is that of the current pass (right after a resume, plus the batches Lightning already counted in the
+    epoch it re-enters, see below). Lightning reads a loader's length once (pass 0's ``b``), so with the default
+    ``check_val_every_n_epoch=1`` it validates after pass 0 only: validate every ``n`` optimizer steps with
     ``Trainer(val_check_interval=n, check_val_every_n_epoch=None)`` (the configs use ``n = b``, one epoch's worth).
+
+    Resuming. With ``max_steps`` set (required), Lightning 2.6.6 resumes every checkpoint *inside* the saved epoch
+    (paths under ``lightning/pytorch/loops/``): ``fit_loop.py:139`` forces ``restarting`` for iteration-based
+    training even when the epoch had finished; ``training_epoch_loop.py:213`` keeps the epoch's restored batch count
+    and ``:249`` adds it to the data fetcher's count; the fetcher's length is the loader's length read once in
+    ``_FitLoop.setup_data`` (``fit_loop.py:276``, ``fetchers.py:76``), and the re-entered epoch ends when the count
+    reaches it (``fetchers.py:69``, ``training_epoch_loop.py:444``), or when the loader runs out; it always runs at
+    least one iteration (``training_epoch_loop.py:127``), which trains a batch unless a validation check falls on
+    the saved batch. Before the first reading, Lightning calls ``set_epoch`` with ``epoch_progress.processed``
+    (``fit_loop.py:445``): the saved pass after a checkpoint written inside a Lightning epoch (on train batch end,
+    on validation end), the *next* pass after one written on ``on_train_epoch_end``. So a fresh loader, which
+    reports pass 0's ``b``, made a run resumed from an end-of-epoch checkpoint train ``b`` minus the saved pass's
+    length batches of the next pass (at least one) in the re-entered epoch, then re-select: extra or missing
+    batches. :class:`HardBatchDataModule` therefore saves :meth:`position` in its own checkpoint state (restored
+    before the loader is built) and calls :meth:`resume_after` on the new loader: an unfinished pass continues at
+    the saved batch of its saved selection, a finished one is followed, in the same re-entered epoch, by the next
+    pass, with the length counting both. (Lightning's resumable-loader hook, a loader ``load_state_dict``, is called
+    at ``fit_loop.py:272``, after the batch limit was fixed from the length at ``:270``: too late.) Not supported:
+    resuming with ``limit_train_batches`` (refused), and under DDP a checkpoint written inside a pass (it holds
+    rank 0's position; refused on the other ranks).
+
+    Args:
+        images: the training images (uint8), indexed by the fixed batches.
+        labels: their labels.
+        fixed: the fixed batches and this rank's shard.
+        selector: the recorded losses that choose each later pass.
+        pin_memory: pin every yielded tensor.
     """
 
     batch_sampler = None
@@ -151,30 +181,79 @@ class HardBatchLoader:
         self.selector = selector
         self.pin_memory = pin_memory
         self.epoch = 0
+        self.pass_ids: list[int] | None = None  # the current pass's batches, chosen when its first batch is drawn
+        self.yielded = 0  # batches of the current pass yielded so far
+        self.counted_before = 0  # batches Lightning counts in the current epoch before this pass (after a resume)
+        self._saved_pass: dict[str, Any] | None = None  # the checkpointed pass, until Lightning moves past it
 
     @property
     def sampler(self) -> HardBatchLoader:
         return self
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch == self.epoch:
+            return
+        if self._saved_pass is not None and epoch == self._saved_pass["epoch"]:
+            self._continue_pass(self._saved_pass)
+        else:
+            self.epoch, self.pass_ids, self.yielded, self.counted_before = (epoch, None, 0, 0)
+        self._saved_pass = None
 
-    def pass_batch_ids(self) -> list[int]:
-        """Ids of the batches this rank trains in the current pass, in order."""
-        if self.epoch == 0:
-            return list(self.fixed.rank_batch_ids)
-        return self.selector.select(self.fixed.rank_batch_ids)
-
-    def __len__(self) -> int:
-        if self.epoch == 0:
+    def pass_length(self, epoch: int | None = None) -> int:
+        """Batches this rank trains in pass ``epoch`` (the current pass by default)."""
+        if (self.epoch if epoch is None else epoch) == 0:
             return len(self.fixed.rank_batch_ids)
         return self.selector.num_selected(len(self.fixed.rank_batch_ids))
 
+    def pass_batch_ids(self) -> list[int]:
+        """Ids of the batches this rank trains in the current pass, in order (chosen once per pass)."""
+        if self.pass_ids is None:
+            self.pass_ids = (
+                list(self.fixed.rank_batch_ids) if self.epoch == 0 else self.selector.select(self.fixed.rank_batch_ids)
+            )
+        return self.pass_ids
+
+    def __len__(self) -> int:
+        return self.counted_before + self.pass_length()
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for batch_id in self.pass_batch_ids():
+        while self.yielded < self.pass_length():
+            batch_id = self.pass_batch_ids()[self.yielded]
             index = self.fixed.batches[batch_id]
             batch = (self.images[index], self.labels[index], torch.tensor([batch_id]))
+            self.yielded += 1
             yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+
+    def position(self) -> dict[str, Any]:
+        """Where this rank stands: the pass, its batches (``None`` before its first one is drawn), how many were
+        yielded, and the batches Lightning counted in the epoch before them."""
+        return {
+            "epoch": self.epoch,
+            "pass_ids": None if self.pass_ids is None else list(self.pass_ids),
+            "yielded": self.yielded,
+            "counted_before": self.counted_before,
+        }
+
+    def resume_after(self, position: dict[str, Any]) -> None:
+        """Continue from ``position`` (a :meth:`position`) the way Lightning resumes a checkpoint: from the saved
+        batch of an unfinished pass, or with the next pass, counted after the finished one, in the same epoch."""
+        finished = position["yielded"] == self.pass_length(position["epoch"])
+        if not finished and not set(position["pass_ids"] or []) <= set(self.fixed.rank_batch_ids):
+            raise ValueError(
+                f"the checkpoint stopped in pass {position['epoch']} at batches {position['pass_ids']}, which another "
+                "rank trains (a checkpoint holds rank 0's position): resume distributed runs from end-of-pass "
+                "checkpoints"
+            )
+        self._continue_pass(position)
+        if finished:  # Lightning re-enters the finished pass's epoch with the next pass (or ends it at once)
+            self._saved_pass = position
+            self.epoch, self.pass_ids, self.yielded = position["epoch"] + 1, None, 0
+            self.counted_before = position["counted_before"] + self.pass_length(position["epoch"])
+
+    def _continue_pass(self, position: dict[str, Any]) -> None:
+        self.epoch, self.yielded = position["epoch"], position["yielded"]
+        self.pass_ids = None if position["pass_ids"] is None else list(position["pass_ids"])
+        self.counted_before = position["counted_before"]
 
 
 class HardBatchDataModule(L.LightningDataModule):
@@ -209,6 +288,8 @@ class HardBatchDataModule(L.LightningDataModule):
         self.fixed: FixedBatches | None = None
         self.selector: HardBatchSelector | None = None
         self._pending_state: dict[str, Any] | None = None
+        self.loader: HardBatchLoader | None = None
+        self._pending_position: dict[str, Any] | None = None
 
     # -- the data facts of the wrapped dataset ----------------------------------------------------------------
     @property
@@ -269,8 +350,23 @@ class HardBatchDataModule(L.LightningDataModule):
     def train_dataloader(self) -> HardBatchLoader:
         if self.fixed is None or self.selector is None:
             raise RuntimeError("HardBatchDataModule.setup('fit') has not built the fixed batches yet")
+        if self.trainer is not None and self.trainer.max_steps == -1:
+            raise ValueError(
+                "HardBatchDataModule trains to a step budget: set trainer.max_steps (see budget_steps) and "
+                "max_epochs=-1, got max_steps=-1"
+            )
         dm = self.datamodule
-        return HardBatchLoader(dm.train_images, dm.train_labels, self.fixed, self.selector, dm.pin_memory)
+        self.loader = HardBatchLoader(dm.train_images, dm.train_labels, self.fixed, self.selector, dm.pin_memory)
+        if self._pending_position is not None:
+            limit = None if self.trainer is None else self.trainer.limit_train_batches
+            if limit is not None and not (isinstance(limit, float) and limit == 1.0):
+                raise ValueError(
+                    f"resuming with limit_train_batches={limit} is not supported: a limited "
+                    "pass ends before its last batch and the resumed position would not match Lightning's"
+                )
+            self.loader.resume_after(self._pending_position)
+            self._pending_position = None
+        return self.loader
 
     def val_dataloader(self) -> Any:
         return self.datamodule.val_dataloader()
@@ -286,9 +382,13 @@ class HardBatchDataModule(L.LightningDataModule):
         return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.selector is None else {"selector": self.selector.state_dict()}
+        state: dict[str, Any] = {} if self.selector is None else {"selector": self.selector.state_dict()}
+        if self.loader is not None:
+            state["loader"] = self.loader.position()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_position = state_dict.get("loader")
         if "selector" not in state_dict:
             return
         if self.selector is None:

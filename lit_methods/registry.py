@@ -325,7 +325,7 @@ METHODS: dict[str, MethodEntry] = {
                 "experiments/hard-batches/hard-batches_convnet_digits.yaml",
             ),
             "available",
-            "with datamodules.HardBatchDataModule; exact resume from checkpoints written at a pass boundary",
+            "with datamodules.HardBatchDataModule; exact resume from any checkpoint (under DDP: from pass boundaries)",
         ),
         MethodEntry(
             "bd-kd",

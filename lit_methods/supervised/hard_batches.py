@@ -22,7 +22,11 @@ class HardBatchClassifier(ImageClassifier):
     update, as the official code records it). Which batches a pass trains is decided by the datamodule; the
     objective, metrics and optimizer are those of :class:`~lit_methods.ImageClassifier`. Give the trainer
     ``max_steps = epochs * b`` (see :meth:`~datamodules.hard_batches.HardBatchDataModule.budget_steps`) and
-    ``max_epochs: -1``; per-step LR schedules then span the whole budget.
+    ``max_epochs: -1``; per-step LR schedules then span the whole budget. Resuming from any checkpoint (end of a
+    pass, validation end, every ``n`` steps) continues exactly: the datamodule's checkpoint state holds the
+    selector's losses and the loader's position (see :class:`~datamodules.hard_batches.HardBatchLoader` for how
+    Lightning re-enters the saved epoch; the first epoch after a resume starts without ``on_train_epoch_start``, as
+    Lightning restarts it).
 
     Args:
         **kwargs: the arguments of :class:`~lit_methods.ImageClassifier`.
