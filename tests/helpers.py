@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
+from torch import nn
+
+from datamodules import InMemoryVisionDataModule
+from lit_methods.ssl.monitors import WeightedKNNClassifier
 
 
 def cpu_trainer(**overrides: Any) -> L.Trainer:
@@ -19,3 +24,28 @@ def cpu_trainer(**overrides: Any) -> L.Trainer:
         enable_model_summary=False,
     )
     return L.Trainer(**(defaults | overrides))
+
+
+def frozen_knn_accuracy(model: nn.Module, datamodule: InMemoryVisionDataModule, k: int = 20) -> float:
+    """Weighted kNN (``k``, T=0.1) accuracy of ``model``'s eval-mode features (``forward_features`` of a backbone,
+    else the forward of an SSL method): the datamodule's un-augmented training images as the bank, its test images
+    as the queries, normalized like the datamodule's batches. The model's train/eval mode is restored."""
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    featurize = getattr(model, "forward_features", model)
+    mean = torch.tensor(datamodule.mean).view(1, -1, 1, 1)
+    std = torch.tensor(datamodule.std).view(1, -1, 1, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            knn = WeightedKNNClassifier(datamodule.num_classes, k=k, temperature=0.1)
+            knn.update(
+                bank_features=featurize((datamodule.train_images.float() / 255 - mean) / std),
+                bank_targets=datamodule.train_labels,
+                test_features=featurize((datamodule.test_images.float() / 255 - mean) / std),
+                test_targets=datamodule.test_labels,
+            )
+            return float(knn.compute())
+    finally:
+        model.train(was_training)

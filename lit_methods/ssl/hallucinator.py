@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Hallucinator"]
+__all__ = ["Hallucinator", "optional_hallucinator"]
 
 
 class Hallucinator(nn.Module):
@@ -84,3 +84,11 @@ class Hallucinator(nn.Module):
         """
         hallucinated = self(anchors, references, ratio)
         return torch.cat([anchors, hallucinated]), torch.cat([references, references])
+
+
+def optional_hallucinator(dim: int, enabled: bool, max_ratio: float) -> Hallucinator | None:
+    """The generator of a method's ``hallucinator`` option: ``None`` when off (no parameters, no random draws);
+    ``max_ratio`` (the method's ``hallucinator_max_ratio``) is checked either way."""
+    if not max_ratio > 0:
+        raise ValueError(f"hallucinator_max_ratio must be > 0, got {max_ratio}")
+    return Hallucinator(dim, max_ratio=max_ratio) if enabled else None

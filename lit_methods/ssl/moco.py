@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lit_methods.losses.gather import distributed_is_on
 from lit_methods.ssl.base import SSLMethod, mlp_projector
-from lit_methods.ssl.hallucinator import Hallucinator
+from lit_methods.ssl.hallucinator import optional_hallucinator
 
 __all__ = ["MoCoV2", "cosine_momentum"]
 
@@ -68,8 +68,6 @@ class MoCoV2(SSLMethod):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(f"need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}")
-        if not hallucinator_max_ratio > 0:
-            raise ValueError(f"hallucinator_max_ratio must be > 0, got {hallucinator_max_ratio}")
         self.projector = mlp_projector(self.num_features, projection_hidden_dim, projection_dim)
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -78,7 +76,7 @@ class MoCoV2(SSLMethod):
         self.final_momentum = final_momentum
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, projection_dim), dim=1))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
-        self.hallucinator = Hallucinator(projection_dim, max_ratio=hallucinator_max_ratio) if hallucinator else None
+        self.hallucinator = optional_hallucinator(projection_dim, hallucinator, hallucinator_max_ratio)
         self._last_step = 0
 
     def keys(self, view: Tensor) -> Tensor:

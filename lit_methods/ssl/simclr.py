@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from lit_methods.losses import NTXentLoss
 from lit_methods.ssl.base import SSLMethod, mlp_projector
-from lit_methods.ssl.hallucinator import Hallucinator
+from lit_methods.ssl.hallucinator import optional_hallucinator
 
 __all__ = ["SimCLR"]
 
@@ -41,11 +41,9 @@ class SimCLR(SSLMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, **kwargs)
-        if not hallucinator_max_ratio > 0:
-            raise ValueError(f"hallucinator_max_ratio must be > 0, got {hallucinator_max_ratio}")
         self.projector = mlp_projector(self.num_features, projection_hidden_dim, projection_dim)
         self.loss_fn = NTXentLoss(temperature, gather_distributed=gather_distributed)
-        self.hallucinator = Hallucinator(projection_dim, max_ratio=hallucinator_max_ratio) if hallucinator else None
+        self.hallucinator = optional_hallucinator(projection_dim, hallucinator, hallucinator_max_ratio)
 
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
         z1, z2 = (self.projector(f) for f in features[:2])

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lit_methods.losses.negative_cosine import NegativeCosineLoss
 from lit_methods.ssl.base import SSLMethod
-from lit_methods.ssl.hallucinator import Hallucinator
+from lit_methods.ssl.hallucinator import optional_hallucinator
 
 __all__ = ["SimSiam", "simsiam_predictor", "simsiam_projector"]
 
@@ -91,9 +91,7 @@ class SimSiam(SSLMethod):
         self.predictor = simsiam_predictor(projection_dim, prediction_hidden_dim)
         self.fixed_predictor_lr = fixed_predictor_lr
         self.loss_fn = NegativeCosineLoss()
-        if not hallucinator_max_ratio > 0:
-            raise ValueError(f"hallucinator_max_ratio must be > 0, got {hallucinator_max_ratio}")
-        self.hallucinator = Hallucinator(projection_dim, max_ratio=hallucinator_max_ratio) if hallucinator else None
+        self.hallucinator = optional_hallucinator(projection_dim, hallucinator, hallucinator_max_ratio)
 
     def constant_lr_modules(self) -> tuple[str, ...]:
         return ("predictor",) if self.fixed_predictor_lr else ()

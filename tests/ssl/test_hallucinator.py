@@ -12,11 +12,10 @@ from datamodules import DigitsDataModule
 from lit_methods.losses import NTXentLoss
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.hallucinator import Hallucinator
-from lit_methods.ssl.monitors import WeightedKNNClassifier
 from lit_methods.ssl.moco import MoCoV2
 from lit_methods.ssl.simclr import SimCLR
 from lit_methods.ssl.simsiam import SimSiam
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, frozen_knn_accuracy
 
 
 def _net(width: int = 8) -> ConvNet:
@@ -217,18 +216,6 @@ def test_hallucinator_is_trained_by_the_optimizer_and_unused_at_evaluation(tmp_p
     assert "val/knn_acc" in trainer.callback_metrics
 
 
-def _knn_accuracy(backbone: torch.nn.Module, dm: DigitsDataModule) -> float:
-    """Weighted kNN (k=20, T=0.1) of the test digits against the un-augmented training digits."""
-    mean, std = dm.mean[0], dm.std[0]
-    backbone.eval()
-    with torch.no_grad():
-        bank = backbone.forward_features((dm.train_images.float() / 255 - mean) / std)
-        queries = backbone.forward_features((dm.test_images.float() / 255 - mean) / std)
-    knn = WeightedKNNClassifier(10, k=20, temperature=0.1)
-    knn.update(bank_features=bank, bank_targets=dm.train_labels, test_features=queries, test_targets=dm.test_labels)
-    return knn.compute().item()
-
-
 class RecordSSLLoss(Callback):
     """The logged SSL loss after every training batch."""
 
@@ -255,9 +242,9 @@ def test_simclr_with_hallucinator_trains_on_digits_as_well_as_plain_simclr(tmp_p
         torch.manual_seed(0)
         trainer = cpu_trainer(max_epochs=3, limit_val_batches=0, callbacks=[record], default_root_dir=tmp_path)
         trainer.fit(model, datamodule=dm)
-        results[hallucinate] = (_knn_accuracy(model.backbone, dm), record.losses[0], record.losses[-1])
+        results[hallucinate] = (frozen_knn_accuracy(model.backbone, dm), record.losses[0], record.losses[-1])
     torch.manual_seed(0)
-    random_init = _knn_accuracy(_net(16), dm)
+    random_init = frozen_knn_accuracy(_net(16), dm)
     print(
         f"digits kNN accuracy (k=20): random init {random_init:.3f}, SimCLR {results[False][0]:.3f}, "
         f"SimCLR + Hallucinator {results[True][0]:.3f} (its loss {results[True][1]:.3f} -> {results[True][2]:.3f})"

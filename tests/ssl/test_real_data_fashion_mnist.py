@@ -20,16 +20,14 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from datamodules.fashion_mnist import FashionMNISTDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins
-from lit_methods.ssl.monitors import WeightedKNNClassifier
 from lit_methods.ssl.projection_head import ProjectionHeadStudy
 from lit_methods.ssl.simclr import SimCLR
 from lit_methods.ssl.simsiam import SimSiam
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, frozen_knn_accuracy
 
 SEED = 0
 SAMPLES_PER_CLASS = 300
@@ -54,31 +52,6 @@ def _backbone() -> ConvNet:
         norm="batchnorm",
         image_size=28,
     )
-
-
-def knn_accuracy(model: nn.Module) -> float:
-    """Weighted kNN (k=20, T=0.1) accuracy of ``model``'s eval-mode features: the un-augmented training subset as
-    the bank, the whole test split as queries (the datamodule's normalization)."""
-    dm = FashionMNISTDataModule(samples_per_class=SAMPLES_PER_CLASS, seed=SEED)
-    dm.setup("fit")
-
-    def features(images: torch.Tensor) -> torch.Tensor:
-        return model((images.float() / 255 - dm.mean[0]) / dm.std[0])
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            knn = WeightedKNNClassifier(10, k=KNN_K, temperature=0.1)
-            knn.update(
-                bank_features=features(dm.train_images),
-                bank_targets=dm.train_labels,
-                test_features=features(dm.test_images),
-                test_targets=dm.test_labels,
-            )
-            return float(knn.compute())
-    finally:
-        model.train(was_training)
 
 
 CASES: dict[str, tuple[type, dict[str, Any], float]] = {
@@ -127,7 +100,6 @@ def test_brief_training_on_fashion_mnist_improves_knn_accuracy_over_the_random_i
     method, kwargs, margin = CASES[name]
     torch.manual_seed(SEED)
     model = method(_backbone(), knn_k=KNN_K, **kwargs)
-    before = knn_accuracy(model)
     trainer = cpu_trainer(
         max_epochs=EPOCHS, limit_val_batches=0, default_root_dir=tmp_path
     )
@@ -139,8 +111,9 @@ def test_brief_training_on_fashion_mnist_improves_knn_accuracy_over_the_random_i
         ssl_views=2,
         ssl_global_scale=VIEW_SCALE,
     )
+    before = frozen_knn_accuracy(model, datamodule, k=KNN_K)  # the training subset as the bank, all test images
     trainer.fit(model, datamodule=datamodule)
-    after = knn_accuracy(model)
+    after = frozen_knn_accuracy(model, datamodule, k=KNN_K)
     print(
         f"{name} Fashion-MNIST kNN accuracy, seed {SEED}: random init {before:.3f} -> trained {after:.3f}"
     )

@@ -11,8 +11,7 @@ from datamodules import DigitsDataModule
 from lit_methods.losses import BarlowTwinsLoss, NTXentLoss
 from lit_methods.nets import ConvNet
 from lit_methods.ssl import BarlowTwins, SimCLR
-from lit_methods.ssl.monitors import WeightedKNNClassifier
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, frozen_knn_accuracy
 
 EPOCHS = 30  # SimCLR epochs of the real-data check
 
@@ -153,18 +152,6 @@ def test_bad_optimizer_arguments_are_rejected():
         SimCLR(_net(), optimizer="lars", lars_trust_coefficient=0.0)
 
 
-def _knn_accuracy(backbone: torch.nn.Module, dm: DigitsDataModule) -> float:
-    """Weighted kNN (k=20, T=0.1) of the test images against the un-augmented training images."""
-    mean, std = dm.mean[0], dm.std[0]
-    backbone.eval()
-    with torch.no_grad():
-        bank = backbone.forward_features((dm.train_images.float() / 255 - mean) / std)
-        queries = backbone.forward_features((dm.test_images.float() / 255 - mean) / std)
-    knn = WeightedKNNClassifier(10, k=20, temperature=0.1)
-    knn.update(bank_features=bank, bank_targets=dm.train_labels, test_features=queries, test_targets=dm.test_labels)
-    return knn.compute().item()
-
-
 @pytest.mark.slow
 def test_simclr_features_beat_random_init_on_digits(tmp_path):
     """Real-data check: 30 SimCLR epochs on digits lift the kNN accuracy of a small ConvNet above its random init
@@ -178,11 +165,11 @@ def test_simclr_features_beat_random_init_on_digits(tmp_path):
     dm = DigitsDataModule(batch_size=128, ssl_views=2, ssl_global_scale=(0.3, 1.0), num_workers=0, seed=0)
     dm.setup("fit")
     dm.setup("test")
-    random_init = _knn_accuracy(convnet(), dm)
+    random_init = frozen_knn_accuracy(convnet(), dm)
     torch.manual_seed(0)
     model = SimCLR(convnet(), projection_hidden_dim=64, projection_dim=32, lr=0.3, temperature=0.2)
     trainer = cpu_trainer(max_epochs=EPOCHS, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
-    trained = _knn_accuracy(model.backbone, dm)
+    trained = frozen_knn_accuracy(model.backbone, dm)
     print(f"SimCLR digits kNN top-1 (k=20, T=0.1): random init {random_init:.3f}, after {EPOCHS} epochs {trained:.3f}")
     assert trained > random_init

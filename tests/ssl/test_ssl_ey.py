@@ -8,9 +8,8 @@ import torch
 
 from datamodules import DigitsDataModule
 from lit_methods.nets import ConvNet
-from lit_methods.ssl.monitors import WeightedKNNClassifier
 from lit_methods.ssl.ssl_ey import SSLEY
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, frozen_knn_accuracy
 from tests.losses.test_eckhart_young import official_ssl_ey
 
 DIGITS_EPOCHS = 25
@@ -63,35 +62,19 @@ def test_bad_arguments_are_rejected(kwargs, match):
         SSLEY(_net(), **kwargs)
 
 
-def knn_accuracy(model: torch.nn.Module, seed: int = 0) -> float:
-    """Weighted kNN (k=20, T=0.1) accuracy of eval-mode backbone features: the un-augmented train split as the
-    bank, the test split as queries (the datamodule's split and normalization)."""
-    dm = DigitsDataModule(seed=seed)
-
-    def features(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = dm.load_split(train)
-        with torch.no_grad():
-            return model((images.float() / 255 - dm.mean[0]) / dm.std[0]), labels
-
-    knn = WeightedKNNClassifier(10, k=20, temperature=0.1)
-    (bank, bank_labels), (test, test_labels) = features(True), features(False)
-    knn.update(bank_features=bank, bank_targets=bank_labels, test_features=test, test_targets=test_labels)
-    return float(knn.compute())
-
-
 @pytest.mark.slow
 def test_brief_training_on_digits_improves_knn_accuracy_over_the_random_init(tmp_path):
     torch.set_num_threads(1)  # a tiny net: threads only contend on a loaded machine
     torch.manual_seed(0)
     model = SSLEY(_net(width=32), projection_hidden_dim=64, projection_dim=64, lr=0.05, knn_k=20)
     model.eval()
-    before = knn_accuracy(model)
+    before = frozen_knn_accuracy(model, DigitsDataModule(seed=0))
     model.train()
     trainer = cpu_trainer(
         max_epochs=DIGITS_EPOCHS, gradient_clip_val=1.0, limit_val_batches=0, default_root_dir=tmp_path
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, fast_loader=False, ssl_views=2, num_workers=0))
     model.eval()
-    after = knn_accuracy(model)
+    after = frozen_knn_accuracy(model, DigitsDataModule(seed=0))
     print(f"SSL-EY digits eval-mode kNN accuracy, seed 0: random init {before:.3f} -> trained {after:.3f}")
     assert after > before
