@@ -5,11 +5,12 @@ All sides train a GroupNorm ResNet-20 (``lit_methods.nets.ResNet20(norm="groupno
 (``--batch-size`` images of 3x32x32, already on the device), in hand-written loops so that only the step differs:
 
 - ``non-private``: forward, backward, ``optimizer.step()``.
-- ``ErrorFeedbackDP ... (book-keeping)``: what the callback costs under the Trainer with
-  ``per_sample_method="book_keeping"`` (the default ``"auto"`` picks it for this net): the ordinary forward and
-  backward that Lightning runs, with the callback's hooks recording layer inputs and output gradients, then
-  ``privatized_gradients_from_backward`` (per-sample norms, clipped sums, error feedback, noise) written into
-  ``p.grad``, then the step. ``error_feedback`` True (DiceSGD) and False (DPSGD-GC).
+- ``ErrorFeedbackDP ... (book-keeping)``: what the callback costs under a single-process Trainer with
+  ``per_sample_method="book_keeping"`` (the default ``"auto"`` picks it for this net): the forward and backward
+  that Lightning runs, with the callback's hooks recording layer inputs and output gradients and the backward
+  computing input gradients only (no batch gradient of the parameters), then ``privatized_gradients_from_backward``
+  (per-sample norms, clipped and raw sums, error feedback, noise) written into ``p.grad``, then the step.
+  ``error_feedback`` True (DiceSGD) and False (DPSGD-GC).
 - ``ErrorFeedbackDP DiceSGD (vmap)``: the same with ``per_sample_method="vmap"``: the ordinary forward and
   backward, then ``privatized_gradients`` (torch.func per-sample gradients of the batch), then the step.
 - ``opacus GradSampleModule``: ``opacus.GradSampleModule`` (hook-based per-sample gradients) + ``DPOptimizer``
@@ -80,7 +81,7 @@ def error_feedback_dp_step(
         clip_norm=1.0, noise_multiplier=1.0, error_feedback=error_feedback, per_sample_method=per_sample_method
     )
     if per_sample_method == "book_keeping":
-        dp.attach_book_keeping(model)
+        dp.attach_book_keeping(model, parameter_gradients=False)  # what setup does in one process
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)

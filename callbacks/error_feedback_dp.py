@@ -105,9 +105,12 @@ class ErrorFeedbackDP(Callback):
       https://arxiv.org/abs/2210.00038, with ghost norms of Li et al., https://arxiv.org/abs/2110.05679): Lightning's
       ordinary backward is the only backward. Hooks (:class:`callbacks.per_sample_clipping.BookKeeping`) record each
       layer's input and output gradient; per-sample norms are computed from them (ghost norms where cheaper), and
-      the clipped sum is one matmul per layer. The raw mean that DiceSGD's buffer needs is the ordinary gradient
-      already in ``p.grad`` (under DDP already averaged over ranks: this equals the global raw mean when every
-      rank's batch has the same size, which is checked; unequal sizes raise). Supports trainable ``nn.Linear``,
+      the clipped sum is one matmul or weighted sum per layer. In one process the backward skips the batch
+      gradients of the parameters (they would be discarded) and the raw mean that DiceSGD's buffer needs comes
+      from the same per-sample terms; other callbacks see no ``p.grad`` before this callback's
+      ``on_before_optimizer_step``. Under DDP, whose reducer needs them, the ordinary gradients are computed and
+      the raw mean is DDP's averaged ``p.grad`` (the global raw mean when every rank's batch has the same size,
+      which is checked; unequal sizes raise). Supports trainable ``nn.Linear``,
       ``nn.Conv2d`` (``groups=1``, zero padding), ``nn.GroupNorm`` and ``nn.LayerNorm`` layers, each run once per
       training step; not under ``precision="16-mixed"`` (its loss scaling scales the recorded gradients).
     - ``"vmap"``: ``torch.func.vmap(grad(...))`` of ``compute_loss`` on one-sample batches (``functional_call``
@@ -252,7 +255,7 @@ class ErrorFeedbackDP(Callback):
             )
         self.active_per_sample_method = self._choose_method(trainer, pl_module)
         if self.active_per_sample_method == "book_keeping":
-            self.attach_book_keeping(pl_module)
+            self.attach_book_keeping(pl_module, parameter_gradients=trainer.world_size > 1)
 
     def _choose_method(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Literal["book_keeping", "vmap"]:
         if self.per_sample_method == "vmap":
@@ -271,13 +274,15 @@ class ErrorFeedbackDP(Callback):
             raise TypeError(f"ErrorFeedbackDP(per_sample_method='book_keeping'): {reason}; use 'vmap' or 'auto'")
         return "vmap"
 
-    def attach_book_keeping(self, pl_module: nn.Module) -> None:
+    def attach_book_keeping(self, pl_module: nn.Module, parameter_gradients: bool = False) -> None:
         """Record ``pl_module``'s layer inputs and output gradients for :meth:`privatized_gradients_from_backward`.
 
-        Called at setup when book-keeping is chosen; call it by hand to use the callback outside a Trainer.
+        Called at setup when book-keeping is chosen (``parameter_gradients`` only under DDP, whose reducer needs
+        them); call it by hand to use the callback outside a Trainer. ``parameter_gradients=False`` spares the
+        backward the batch gradients of the parameters (see :class:`~callbacks.per_sample_clipping.BookKeeping`).
         """
         self.detach_book_keeping()
-        self._book_keeping = BookKeeping(pl_module)
+        self._book_keeping = BookKeeping(pl_module, parameter_gradients=parameter_gradients)
 
     def detach_book_keeping(self) -> None:
         """Remove the book-keeping hooks (at teardown)."""
@@ -462,9 +467,13 @@ class ErrorFeedbackDP(Callback):
         self._book_keeping.clear()
         names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
         norms = torch.stack([terms[n].squared_norms for n in names]).sum(0).sqrt()
-        factor = _clip_factor(norms, self.clip_norm)
-        clipped = torch.cat([terms[n].weighted_sum(factor).flatten() for n in names])
+        weights = [_clip_factor(norms, self.clip_norm)]
+        raw_from_terms = self.error_feedback and not self._book_keeping.parameter_gradients
+        if raw_from_terms:  # no ordinary gradient was computed: the raw sum comes from the same per-sample terms
+            weights.append(torch.ones_like(norms))
+        sums_by_weight = torch.cat([terms[n].weighted_sums(torch.stack(weights)).flatten(1) for n in names], dim=1)
         del terms
+        clipped = sums_by_weight[0]
         count = float(local_batch)
         sums = torch.cat([clipped, torch.tensor([count, count**2], device=clipped.device, dtype=clipped.dtype)])
         if _distributed():
@@ -480,7 +489,9 @@ class ErrorFeedbackDP(Callback):
         size = clipped.numel()
         batch_size = sums[-2]
         raw_mean = None
-        if self.error_feedback:
+        if raw_from_terms:
+            raw_mean = sums_by_weight[1] / local_batch
+        elif self.error_feedback:
             parameters = dict(pl_module.named_parameters())
             raw_mean = torch.cat(
                 [

@@ -9,7 +9,10 @@ loss with respect to that output, during the one ordinary backward. A Linear or 
 is ``G_i = g_i^T a_i`` with ``a_i`` of shape ``(T, d_in)`` (Conv2d: the unfolded input, ``T`` output positions) and
 ``g_i`` of shape ``(T, d_out)``. Its squared norm is taken either from ``G_i`` (materialized) or, without forming
 ``G_i``, as ``sum((a_i a_i^T) * (g_i g_i^T))`` (ghost norm). The clipped sum ``sum_i c_i G_i`` is then one matmul
-over the batch (ghost layers) or a weighted sum of the materialized ``G_i``; no second backward is run.
+over the batch (ghost layers) or a weighted sum of the materialized ``G_i``; no second backward is run. As the
+per-sample terms give every weighted sum (the clipped one and the plain one), the ordinary backward need not
+compute the batch gradient of the tracked parameters at all: with ``parameter_gradients=False`` they are taken
+out of the autograd graph during the training forward, and the backward computes input gradients only.
 
 Which rule: the paper's hybrid picks the one of less memory (ghost when ``2 T^2 < d_in d_out``). But the ghost
 norm's ``T^2 (d_in + d_out)`` multiply-adds come on top of the clipped sum's matmul (``T d_in d_out``, the cost of
@@ -65,13 +68,18 @@ class _Term:
     """One parameter's per-sample squared gradient norms and how to sum its per-sample gradients with weights."""
 
     squared_norms: Tensor  # (B,)
-    weighted_sum: Callable[[Tensor], Tensor]  # (B,) weights -> a tensor of the parameter's shape
+    weighted_sums: Callable[[Tensor], Tensor]  # (K, B) weights -> (K, *parameter shape)
+
+    def scaled(self, factor: float) -> _Term:
+        """The term of the per-sample gradients multiplied by ``factor``."""
+        return _Term(self.squared_norms * factor**2, lambda weights: self.weighted_sums(weights * factor))
 
 
 def _materialized(per_sample: Tensor) -> _Term:
+    rows = per_sample.flatten(1)
     return _Term(
-        squared_norms=per_sample.flatten(1).pow(2).sum(1),
-        weighted_sum=lambda weights: torch.einsum("n,n...->...", weights, per_sample),
+        squared_norms=torch.linalg.vector_norm(rows, dim=1).square(),
+        weighted_sums=lambda weights: (weights @ rows).view(len(weights), *per_sample.shape[1:]),
     )
 
 
@@ -89,16 +97,17 @@ def _ghost_term(rows_in: Tensor, rows_out: Tensor, shape: torch.Size) -> _Term:
         gram_out = torch.bmm(rows_out, rows_out.transpose(1, 2))
         squared_norms = (gram_in * gram_out).sum((1, 2))
 
-    def weighted_sum(weights: Tensor) -> Tensor:
-        weighted_out = (rows_out * weights[:, None, None]).flatten(0, 1)
-        return (weighted_out.T @ rows_in.flatten(0, 1)).view(shape)
+    def weighted_sums(weights: Tensor) -> Tensor:
+        weighted_out = (rows_out * weights[:, :, None, None]).flatten(1, 2)  # (K, B T, d_out)
+        return (weighted_out.transpose(1, 2) @ rows_in.flatten(0, 1)).view(len(weights), *shape)
 
-    return _Term(squared_norms=squared_norms, weighted_sum=weighted_sum)
+    return _Term(squared_norms=squared_norms, weighted_sums=weighted_sums)
 
 
-def _layer_terms(module: nn.Module, inputs: Tensor, output_grads: Tensor) -> dict[str, _Term]:
-    """Terms of ``module``'s trainable parameters (local names), with ``output_grads`` already per-sample scaled."""
-    trainable = {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+def _layer_terms(
+    module: nn.Module, inputs: Tensor, output_grads: Tensor, trainable: dict[str, nn.Parameter]
+) -> dict[str, _Term]:
+    """Terms of ``module``'s ``trainable`` parameters (local names) from its input and output gradient."""
     terms: dict[str, _Term] = {}
     if isinstance(module, _NORM_LAYERS):
         from opacus.grad_sample import GradSampleModule
@@ -170,35 +179,68 @@ class BookKeeping:
 
     Args:
         model: the module whose trainable parameters are tracked; parameter names are ``model.named_parameters()``'s.
+        parameter_gradients: whether the ordinary backward still computes the tracked parameters' batch gradients
+            (``p.grad``). ``False`` saves that work: each tracked layer runs its training forward with its
+            parameters' ``requires_grad`` switched off (and back on right after), so the backward computes input
+            gradients only and ``p.grad`` stays ``None``; :meth:`terms` gives every weighted sum, the plain one
+            (ones as weights) included. The first tracked layer whose input needs no gradient gets an output that
+            does, so that the gradients of its output are still recorded. Not for a model wrapped in DDP, whose
+            reducer expects every parameter's gradient.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, parameter_gradients: bool = True) -> None:
         unsupported = unsupported_trainable_layers(model)
         if unsupported:
             raise TypeError(
                 "book-keeping per-sample clipping supports trainable Linear, Conv2d (groups=1, zero padding), "
                 f"GroupNorm and LayerNorm layers only; unsupported: {', '.join(unsupported)}"
             )
+        self.parameter_gradients = parameter_gradients
         self._layers = {
             module: name
             for name, module in model.named_modules()
             if any(p.requires_grad for p in module.parameters(recurse=False))
         }
-        self._records: dict[nn.Module, list[list[Tensor | None]]] = {}
-        self._handles: list[RemovableHandle] = [
-            module.register_forward_hook(self._record) for module in self._layers
-        ]
+        self._records: dict[nn.Module, list[_Record]] = {}
+        self._handles: list[RemovableHandle] = [module.register_forward_hook(self._record) for module in self._layers]
+        if not parameter_gradients:
+            for module in self._layers:
+                self._handles.append(module.register_forward_pre_hook(self._detach_parameters))
+                self._handles.append(module.register_forward_hook(self._reattach_parameters, always_call=True))
+        self._detached: dict[nn.Module, dict[str, nn.Parameter]] = {}
 
-    def _record(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        if not (module.training and torch.is_grad_enabled() and output.requires_grad):
-            return
-        record: list[Tensor | None] = [args[0].detach(), None]
+    @staticmethod
+    def _recording(module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled()
+
+    def _detach_parameters(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if self._recording(module):
+            trainable = {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+            for p in trainable.values():
+                p.requires_grad_(False)
+            self._detached[module] = trainable
+
+    def _reattach_parameters(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor | None) -> None:
+        for p in self._detached.pop(module, {}).values():  # also when the forward raised
+            p.requires_grad_(True)
+
+    def _record(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        if self.parameter_gradients:
+            trainable = {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+        else:
+            trainable = self._detached.get(module, {})
+            if trainable and not output.requires_grad and self._recording(module):
+                output = output.detach().requires_grad_().clone()  # a non-leaf, so in-place ops may follow
+        if not (trainable and self._recording(module) and output.requires_grad):
+            return None
+        record = _Record(args[0].detach(), trainable)
         self._records.setdefault(module, []).append(record)
 
         def keep_gradient(gradient: Tensor) -> None:
-            record[1] = gradient.detach()
+            record.output_grad = gradient.detach()
 
         output.register_hook(keep_gradient)
+        return None if self.parameter_gradients else output
 
     def clear(self) -> None:
         self._records.clear()
@@ -214,7 +256,7 @@ class BookKeeping:
         """The batch size and each trainable parameter's terms (full names) of the recorded forward/backward."""
         if not self._records:
             raise RuntimeError("book-keeping recorded no training forward/backward (no layer saw a grad-enabled batch)")
-        batch_sizes = {records[0][0].shape[0] for records in self._records.values()}
+        batch_sizes = {records[0].inputs.shape[0] for records in self._records.values()}
         if len(batch_sizes) != 1:
             raise RuntimeError(f"the recorded layers saw different batch sizes {sorted(batch_sizes)}")
         (batch,) = batch_sizes
@@ -228,18 +270,29 @@ class BookKeeping:
                     'gradients "vmap"'
                 )
             prefix = f"{name}." if name else ""
-            if not records or records[0][1] is None:  # the layer did not reach the loss: zero gradients
+            if not records or records[0].output_grad is None:  # the layer did not reach the loss: zero gradients
                 for local, p in module.named_parameters(recurse=False):
                     if p.requires_grad:
                         zeros = torch.zeros(batch, device=p.device, dtype=p.dtype)
-                        terms[prefix + local] = _Term(zeros, lambda weights, p=p: torch.zeros_like(p))
+                        terms[prefix + local] = _Term(
+                            zeros, lambda weights, p=p: weights.new_zeros(len(weights), *p.shape)
+                        )
                 continue
-            inputs, output_grads = records[0]
-            for local, term in _layer_terms(module, inputs, output_grads * batch).items():
-                terms[prefix + local] = term
+            (record,) = records
+            for local, term in _layer_terms(module, record.inputs, record.output_grad, record.trainable).items():
+                terms[prefix + local] = term.scaled(batch)  # the loss is a batch mean
         return batch, terms
 
     def per_sample_norms(self) -> Tensor:
         """The global per-sample gradient norms ``(B,)`` over all trainable parameters of the recorded step."""
         _, terms = self.terms()
         return torch.stack([term.squared_norms for term in terms.values()]).sum(0).sqrt()
+
+
+@dataclass
+class _Record:
+    """One layer call of the recorded training step: its input, the parameters it trained, its output gradient."""
+
+    inputs: Tensor
+    trainable: dict[str, nn.Parameter]
+    output_grad: Tensor | None = None

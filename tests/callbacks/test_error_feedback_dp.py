@@ -36,9 +36,15 @@ def make_trainer(tmp_path, **kwargs) -> L.Trainer:
 
 
 class RecordGradients(Callback):
-    """Records the batch each step and the gradients seen in ``on_before_optimizer_step``."""
+    """Records the batch each step and the gradients seen in ``on_before_optimizer_step``.
 
-    def __init__(self) -> None:
+    With ``ordinary=True`` the gradients recorded are the ordinary (non-private) batch gradients of the step's
+    parameters, computed afresh: in one process the book-keeping backward leaves ``p.grad`` unset. They are taken in
+    eval mode (which the DP hooks ignore); the tiny GroupNorm ConvNet has no dropout, so eval and train agree.
+    """
+
+    def __init__(self, ordinary: bool = False) -> None:
+        self.ordinary = ordinary
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.gradients: list[dict[str, torch.Tensor]] = []
 
@@ -46,14 +52,23 @@ class RecordGradients(Callback):
         self.batches.append((batch[0].clone(), batch[1].clone()))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.gradients.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+        names, params = zip(*pl_module.named_parameters())
+        if self.ordinary:
+            images, targets = self.batches[-1]
+            pl_module.eval()
+            with torch.enable_grad():
+                gradients = torch.autograd.grad(pl_module.compute_loss(pl_module(images), targets), params)
+            pl_module.train()
+        else:
+            gradients = [p.grad.clone() for p in params]
+        self.gradients.append(dict(zip(names, gradients)))
 
 
 def fit_recording(tmp_path, dp: ErrorFeedbackDP, steps: int, batch_size: int = 32):
     """Fit a GroupNorm ConvNet on digits for ``steps`` steps; returns (ordinary grads, privatized grads, model)."""
     torch.manual_seed(0)
     model = ImageClassifier(tiny_net(), lr=0.05, lr_schedule="constant")
-    before, after = RecordGradients(), RecordGradients()
+    before, after = RecordGradients(ordinary=True), RecordGradients()
     data = DigitsDataModule(batch_size=batch_size, seed=1)
     make_trainer(tmp_path, limit_train_batches=steps, callbacks=[before, dp, after]).fit(model, datamodule=data)
     return before, after, model
@@ -290,13 +305,27 @@ def _ddp_fit(world_size: int) -> dict[str, np.ndarray]:
     )
     trainer.fit(model, train_dataloaders=loader)
     errors = {f"error.{n}": e.numpy() for n, e in dp.error.items()}  # numpy: tensors cannot leave a spawned process
-    return {n: p.detach().numpy().copy() for n, p in model.named_parameters()} | errors
+    result = {n: p.detach().numpy().copy() for n, p in model.named_parameters()} | errors
+    if world_size > 1:  # in the same group: ranks whose batches differ in size are refused, on every rank
+        probe = ImageClassifier(tiny_net())
+        unequal = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=0.0)
+        unequal.attach_book_keeping(probe, parameter_gradients=True)
+        size = 3 + rank
+        probe.compute_loss(probe(images[:size]), targets[:size]).backward()
+        try:
+            unequal.privatized_gradients_from_backward(probe)
+            result["unequal_batches_error"] = ""
+        except RuntimeError as error:
+            result["unequal_batches_error"] = str(error)
+    return result
 
 
 @pytest.mark.ddp
-def test_ddp_update_equals_the_single_process_update_on_the_global_batch():
+def test_ddp_update_equals_the_single_process_update_on_the_global_batch_and_unequal_batches_are_refused():
     single = _ddp_fit(1)
     ranks = run_distributed(_ddp_fit, 2)
+    for rank in ranks:
+        assert "batch sizes differ (total 7, sum of squares 25)" in rank.pop("unequal_batches_error")
     for name, value in single.items():
         np.testing.assert_allclose(ranks[0][name], value, rtol=1e-4, atol=1e-5, err_msg=name)
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)

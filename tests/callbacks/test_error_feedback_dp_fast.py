@@ -72,9 +72,12 @@ def batches(count: int, size: int = 6, seed: int = 0) -> list[tuple[torch.Tensor
     ]
 
 
+@pytest.mark.parametrize("parameter_gradients", [False, True], ids=["input-grads-only", "with-param-grads"])
 @pytest.mark.parametrize("error_feedback", [True, False], ids=["DiceSGD", "DPSGD-GC"])
 @pytest.mark.parametrize("make_net", [conv_net, resnet20, mixed_layers], ids=["convnet", "resnet20", "mixed"])
-def test_book_keeping_direction_equals_the_vmap_direction_over_several_steps(make_net, error_feedback):
+def test_book_keeping_direction_equals_the_vmap_direction_over_several_steps(
+    make_net, error_feedback, parameter_gradients
+):
     torch.manual_seed(0)
     model = ImageClassifier(make_net(), num_classes=10).double()
     steps = batches(3, size=4)
@@ -86,11 +89,13 @@ def test_book_keeping_direction_equals_the_vmap_direction_over_several_steps(mak
     fast = ErrorFeedbackDP(per_sample_method="book_keeping", **kwargs)
     reference = ErrorFeedbackDP(per_sample_method="vmap", **kwargs)
     fast_model, reference_model = model, copy.deepcopy(model)
-    fast.attach_book_keeping(fast_model)
+    fast.attach_book_keeping(fast_model, parameter_gradients=parameter_gradients)
     clipped_and_not = set()
     for images, targets in steps:
         fast_model.zero_grad(set_to_none=True)
         fast_model.compute_loss(fast_model(images), targets).backward()
+        # without parameter gradients the backward leaves p.grad unset and the parameters trainable again
+        assert all((p.grad is None) != parameter_gradients and p.requires_grad for p in fast_model.parameters())
         norms = fast._book_keeping.per_sample_norms()
         clipped_and_not |= set((norms > kwargs["clip_norm"]).tolist())
         update = fast.privatized_gradients_from_backward(fast_model)
@@ -129,7 +134,8 @@ def test_per_sample_norms_equal_opacus_grad_sample_module(make_net):
     # the per-parameter rules also reproduce the ordinary gradient: the mean of the per-sample gradients
     batch, terms = book_keeping.terms()
     for name, param in net.named_parameters():
-        torch.testing.assert_close(terms[name].weighted_sum(torch.ones(batch, dtype=torch.float64)) / batch, param.grad)
+        ones = torch.ones(1, batch, dtype=torch.float64)
+        torch.testing.assert_close(terms[name].weighted_sums(ones)[0] / batch, param.grad)
 
 
 class Float64Classifier(ImageClassifier):
@@ -238,9 +244,29 @@ def test_infinite_clip_without_noise_gives_the_ordinary_gradient():
     torch.manual_seed(0)
     model = ImageClassifier(resnet20()).double()
     dp = ErrorFeedbackDP(clip_norm=math.inf, noise_multiplier=0.0, per_sample_method="book_keeping")
+    reference = copy.deepcopy(model)
     dp.attach_book_keeping(model)
     ((images, targets),) = batches(1)
     model.compute_loss(model(images), targets).backward()
+    reference.compute_loss(reference(images), targets).backward()
     update = dp.privatized_gradients_from_backward(model)
-    for name, param in model.named_parameters():
+    for name, param in reference.named_parameters():
         torch.testing.assert_close(update[name], param.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_without_parameter_gradients_in_place_ops_work_and_a_failed_forward_leaves_the_parameters_trainable():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(144, 3)).double()
+    reference = copy.deepcopy(net)
+    book_keeping = BookKeeping(net, parameter_gradients=False)
+    images, targets = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    F.cross_entropy(net(images), targets).backward()  # the first layer's output is a non-leaf: ReLU may act in place
+    F.cross_entropy(reference(images), targets).backward()
+    batch, terms = book_keeping.terms()
+    ones = torch.ones(1, batch, dtype=torch.float64)
+    for name, param in reference.named_parameters():
+        assert dict(net.named_parameters())[name].grad is None
+        torch.testing.assert_close(terms[name].weighted_sums(ones)[0] / batch, param.grad)
+    with pytest.raises(RuntimeError, match="shape"):
+        net(torch.randn(5, 1, 9, 9, dtype=torch.float64))  # the Linear gets 196 features, not 144
+    assert all(p.requires_grad for p in net.parameters())
