@@ -94,7 +94,7 @@ METHODS: dict[str, MethodEntry] = {
                 "experiments/dicesgd/dicesgd_convnet_digits.yaml",
             ),
             "available",
-            "book-keeping per-sample clipping (vmap fallback); a step costs 2.0x a non-private one on CPU",
+            "book-keeping per-sample clipping (vmap fallback); a step costs 1.9x a non-private one and 0.7x opacus on CPU",
         ),
         _entry(
             "worst-case-forget",
@@ -113,10 +113,13 @@ METHODS: dict[str, MethodEntry] = {
             "lit_methods.ssl.ProjectionHeadStudy",
             (
                 "experiments/projection-head/projection-head_resnet18_cifar10.yaml",
+                "experiments/projection-head/projection-head_resnet18_cifar10_spectral.yaml",
                 "experiments/projection-head/projection-head_convnet_digits.yaml",
+                "experiments/projection-head/projection-head_convnet_digits_spectral.yaml",
+                "experiments/projection-head/projection-head_convnet_digits_supervised.yaml",
             ),
-            "partial",
-            "SimCLR with mlp/linear/none/fixed-reweight heads and kNN of pre/hidden/post-projection features; the paper's theory replication, spectral contrastive loss and supervised heads not included",
+            "available",
+            "NT-Xent or spectral contrastive training with mlp/linear/none/fixed-reweight heads, kNN and effective rank by depth, the 2-layer linear theory replication and the supervised head (ProjectionHeadClassifier); SupCon and the spurious-feature benchmarks not included",
         ),
         MethodEntry(
             "ap",
@@ -255,11 +258,13 @@ METHODS: dict[str, MethodEntry] = {
             "module",
             "lit_methods.ssl.MLC",
             (
+                "experiments/mlc/tcr_resnet18_cifar10.yaml",
                 "experiments/mlc/mlc_resnet18_cifar10.yaml",
+                "experiments/mlc/tcr_convnet_digits.yaml",
                 "experiments/mlc/mlc_convnet_digits.yaml",
             ),
-            "partial",
-            "MCR2 with the doubly stochastic Sinkhorn membership and epoch clustering accuracy/NMI; the TCR/MoCo pretraining stage is missing and from random init it does not beat k-means on digits",
+            "available",
+            "stage 1 TCRPretrain (losses.TotalCodingRateLoss), stage 2 MLC from its checkpoint (pretrained_checkpoint) or MLC.from_pretrained; on digits 0-3 MLC clusters at 0.96/0.95/0.96 (3 seeds) vs k-means 0.68/0.64/0.54 on the TCR features and 0.88 on pixels; eta/eps/lambda unconfirmed (appendix and official code not found)",
         ),
         MethodEntry(
             "selfie",

@@ -7,6 +7,8 @@ from lit_methods.losses.mcr2 import MCR2MembershipLoss
 from lit_methods.losses.mixed_barlow_twins import MixedBarlowTwinsRegularizer
 from lit_methods.losses.negative_cosine import NegativeCosineLoss
 from lit_methods.losses.ntxent import NTXentLoss
+from lit_methods.losses.spectral_contrastive import SpectralContrastiveLoss
+from lit_methods.losses.total_coding_rate import TotalCodingRateLoss
 
 __all__ = [
     "BarlowTwinsLoss",
@@ -15,5 +17,7 @@ __all__ = [
     "MixedBarlowTwinsRegularizer",
     "NTXentLoss",
     "NegativeCosineLoss",
+    "SpectralContrastiveLoss",
+    "TotalCodingRateLoss",
     "gather_with_grad",
 ]

@@ -8,11 +8,18 @@ from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from lit_methods.ssl.mlc import MLC
 from lit_methods.ssl.moco import MoCoV2, cosine_momentum
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
-from lit_methods.ssl.projection_head import FixedReweightHead, ProjectionHeadStudy, knn_accuracy_by_depth
+from lit_methods.ssl.projection_head import (
+    FixedReweightHead,
+    ProjectionHeadClassifier,
+    ProjectionHeadStudy,
+    effective_rank,
+    knn_accuracy_by_depth,
+)
 from lit_methods.ssl.selfie import AttentionPooling, Selfie, SelfieFineTuner, load_patch_network
 from lit_methods.ssl.simclr import SimCLR
 from lit_methods.ssl.simsiam import SimSiam
 from lit_methods.ssl.ssl_ey import SSLEY
+from lit_methods.ssl.tcr import TCRPretrain, coding_rate_head
 
 __all__ = [
     "MLC",
@@ -25,14 +32,18 @@ __all__ = [
     "MixedBarlowTwins",
     "MoCoV2",
     "OnlineLinearProbe",
+    "ProjectionHeadClassifier",
     "ProjectionHeadStudy",
     "SSLMethod",
     "Selfie",
     "SelfieFineTuner",
     "SimCLR",
     "SimSiam",
+    "TCRPretrain",
     "WeightedKNNClassifier",
+    "coding_rate_head",
     "cosine_momentum",
+    "effective_rank",
     "knn_accuracy_by_depth",
     "load_patch_network",
 ]

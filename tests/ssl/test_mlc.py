@@ -1,6 +1,7 @@
-"""MLC: the training loss is the rate reduction of the averaged views under the averaged Sinkhorn membership plus
-the probe, the cluster head starts as the feature head, clustering accuracy/NMI against brute force and
-scikit-learn, and the epoch-level clustering metric under a 2-process DDP run."""
+"""MLC and its TCR stage: the training losses (rate reduction of the averaged views under the averaged Sinkhorn
+membership; total coding rate) plus the probe, the start from a TCR module or checkpoint (backbone and feature head
+copied, the feature head also into the cluster head; mismatches rejected), clustering accuracy/NMI against brute
+force and scikit-learn, and the epoch-level clustering metric under a 2-process DDP run."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score
+from torch.utils.data import DataLoader
 
 from lit_methods.losses.mcr2 import MCR2MembershipLoss, sinkhorn_membership
+from lit_methods.losses.total_coding_rate import TotalCodingRateLoss
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.clustering_metrics import (
     MembershipSpectralClustering,
@@ -21,25 +24,33 @@ from lit_methods.ssl.clustering_metrics import (
     normalized_mutual_information,
 )
 from lit_methods.ssl.mlc import MLC
+from lit_methods.ssl.tcr import TCRPretrain
 from tests.ddp_helpers import init_gloo, run_distributed
+from tests.helpers import cpu_trainer
+
+
+def _net(width: int = 8) -> ConvNet:
+    return ConvNet(num_classes=10, in_channels=1, depth=2, width=width, norm="batchnorm", image_size=8)
 
 
 def _mlc(**kwargs) -> MLC:
     torch.manual_seed(0)
-    net = ConvNet(num_classes=10, in_channels=1, depth=2, width=8, norm="batchnorm", image_size=8)
-    return MLC(
-        net,
-        **({"hidden_dim": 16, "feature_dim": 8, "eta": 0.2, "sinkhorn_iterations": 5} | kwargs),
-    )
+    return MLC(_net(), **({"hidden_dim": 16, "feature_dim": 8, "eta": 0.2, "sinkhorn_iterations": 5} | kwargs))
+
+
+def _tcr(seed: int = 1, **kwargs) -> TCRPretrain:
+    torch.manual_seed(seed)
+    return TCRPretrain(_net(), **({"hidden_dim": 16, "feature_dim": 8, "invariance_weight": 2.0} | kwargs))
+
+
+def _two_view_batch(seed: int = 0, n: int = 10) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 8, 8, generator=g) for _ in range(2)], torch.randint(0, 10, (n,), generator=g)
 
 
 def test_training_loss_is_the_rate_reduction_of_averaged_views_under_the_averaged_membership_plus_the_probe():
     model = _mlc()
-    g = torch.Generator().manual_seed(0)
-    views, labels = (
-        [torch.randn(10, 1, 8, 8, generator=g) for _ in range(2)],
-        torch.randint(0, 10, (10,)),
-    )
+    views, labels = _two_view_batch()
     total = model.training_step((views, labels), 0)
     features = [model(v) for v in views]
     z = F.normalize(sum(F.normalize(model.feature_head(f), dim=1) for f in features) / 2, dim=1)
@@ -47,6 +58,81 @@ def test_training_loss_is_the_rate_reduction_of_averaged_views_under_the_average
     probe_loss, _ = model.probe(features[0], labels)
     expected = MCR2MembershipLoss(0.5**0.5)(z, membership) + probe_loss
     torch.testing.assert_close(total, expected)
+
+
+def test_tcr_training_loss_is_the_total_coding_rate_of_the_feature_head_outputs_plus_the_probe():
+    model = _tcr()
+    views, labels = _two_view_batch()
+    total = model.training_step((views, labels), 0)
+    features = [model(v) for v in views]
+    probe_loss, _ = model.probe(features[0], labels)
+    expected = TotalCodingRateLoss(0.5**0.5, 2.0)([model.feature_head(f) for f in features]) + probe_loss
+    torch.testing.assert_close(total, expected)
+
+
+def _assert_started_from(mlc: MLC, tcr: TCRPretrain) -> None:
+    """Same backbone and feature head weights (and BN statistics) as ``tcr``, the cluster head a copy of them, and
+    no storage shared with ``tcr`` or between the heads."""
+    tcr_state = tcr.state_dict()
+    for key, value in mlc.state_dict().items():
+        if key.startswith(("backbone.", "feature_head.")):
+            torch.testing.assert_close(value, tcr_state[key], msg=key)
+        if key.startswith("cluster_head."):
+            torch.testing.assert_close(value, tcr_state[key.replace("cluster_head.", "feature_head.")], msg=key)
+    pointers = {p.data_ptr() for p in tcr.parameters()}
+    assert not pointers & {p.data_ptr() for p in mlc.parameters()}
+    assert mlc.feature_head[0].weight.data_ptr() != mlc.cluster_head[0].weight.data_ptr()
+
+
+def _trained_tcr() -> TCRPretrain:
+    """A TCR module after two optimizer steps (its weights and BN statistics differ from any fresh init)."""
+    tcr = _tcr()
+    batches = DataLoader([_two_view_batch(seed) for seed in range(2)], batch_size=None)  # already batched
+    cpu_trainer(max_steps=2).fit(tcr, train_dataloaders=batches)
+    return tcr
+
+
+def test_from_pretrained_starts_from_the_tcr_backbone_and_feature_head_in_both_heads():
+    tcr = _trained_tcr()
+    mlc = MLC.from_pretrained(tcr, eta=0.3, sinkhorn_iterations=5)
+    assert (mlc.feature_head[0].out_features, mlc.feature_head[-1].out_features) == (16, 8)
+    _assert_started_from(mlc, tcr)
+    mlc.eval(), tcr.eval()
+    images = _two_view_batch(seed=5)[0][0]
+    torch.testing.assert_close(mlc.cluster_head(mlc(images)), tcr.feature_head(tcr(images)))
+    with pytest.raises(TypeError, match="Linear has no backbone"):
+        MLC.from_pretrained(torch.nn.Linear(2, 2))
+
+
+def test_pretrained_checkpoint_of_a_tcr_run_starts_mlc_at_setup_once_and_mismatches_are_rejected(tmp_path):
+    tcr = _trained_tcr()
+    path = tmp_path / "tcr.ckpt"
+    tcr.trainer.save_checkpoint(path)
+    torch.manual_seed(7)  # MLC's own random init differs from the TCR's
+    mlc = MLC(_net(), hidden_dim=16, feature_dim=8, pretrained_checkpoint=str(path))
+    assert not torch.equal(mlc.feature_head[0].weight, tcr.feature_head[0].weight)  # read at setup, not before
+    mlc.setup("fit")
+    _assert_started_from(mlc, tcr)
+    # a restored MLC state (load_from_checkpoint, resume) has the weights and does not read the TCR file again
+    path.unlink()
+    restored = MLC(_net(), hidden_dim=16, feature_dim=8, pretrained_checkpoint=str(path))
+    restored.load_state_dict(mlc.state_dict())
+    restored.setup("fit")
+    _assert_started_from(restored, tcr)
+    with pytest.raises(FileNotFoundError, match="tcr.ckpt"):
+        MLC(_net(), hidden_dim=16, feature_dim=8, pretrained_checkpoint=str(path)).setup("fit")
+
+    tcr.trainer.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"shapes.*feature_head.3.weight.*\(4, 16\), \(8, 16\)"):
+        MLC(_net(), hidden_dim=16, feature_dim=4, pretrained_checkpoint=str(path)).setup("fit")
+    # a checkpoint whose head has another name (SimCLR's projector): the feature head is missing
+    renamed = {key.replace("feature_head.", "projector."): value for key, value in tcr.state_dict().items()}
+    torch.save({"state_dict": renamed}, tmp_path / "projector.ckpt")
+    with pytest.raises(ValueError, match=r"missing \['feature_head.0.bias', .*'feature_head.3.weight'\]"):
+        MLC(_net(), hidden_dim=16, feature_dim=8).load_pretrained_checkpoint(str(tmp_path / "projector.ckpt"))
+    torch.save(tcr.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="no 'state_dict'"):
+        MLC(_net(), hidden_dim=16, feature_dim=8).load_pretrained_checkpoint(str(tmp_path / "bare.pt"))
 
 
 def test_cluster_head_starts_as_a_copy_of_the_feature_head():
@@ -67,6 +153,19 @@ def test_cluster_head_starts_as_a_copy_of_the_feature_head():
 def test_bad_arguments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _mlc(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"hidden_dim": 0}, "hidden_dim=0"),
+        ({"invariance_weight": -1.0}, "invariance_weight.*-1.0"),
+        ({"eps": 0.0}, "0.0"),
+    ],
+)
+def test_bad_tcr_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _tcr(**kwargs)
 
 
 def test_clustering_accuracy_equals_the_best_permutation_by_brute_force_and_nmi_is_sklearns():

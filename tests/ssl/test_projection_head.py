@@ -1,5 +1,6 @@
 """The projection-head study: the fixed reweighting head's maths, "no head" training the backbone features directly,
-the per-depth features and their kNN evaluation against direct computations, and pre- vs post-projection on digits."""
+the NT-Xent and spectral objectives on the head's output, the per-depth features, their kNN evaluation and effective
+rank against direct computations, and pre- vs post-projection features (kNN accuracy, effective rank) on digits."""
 
 from __future__ import annotations
 
@@ -11,19 +12,30 @@ import torch.nn.functional as F
 
 from datamodules import DigitsDataModule
 from lit_methods.losses import NTXentLoss
+from lit_methods.losses.spectral_contrastive import SpectralContrastiveLoss
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.projection_head import (
     FixedReweightHead,
+    ProjectionHeadClassifier,
     ProjectionHeadStudy,
+    effective_rank,
     knn_accuracy_by_depth,
 )
-from tests.helpers import cpu_trainer
+from tests.helpers import cpu_trainer, frozen_knn_accuracy
 
 
 def _study(head: str, width: int = 8, **kwargs) -> ProjectionHeadStudy:
     torch.manual_seed(0)
     net = ConvNet(num_classes=10, in_channels=1, depth=2, width=width, norm="batchnorm", image_size=8)
     return ProjectionHeadStudy(net, head=head, **({"projection_hidden_dim": 16, "projection_dim": 8} | kwargs))
+
+
+def _classifier(head: str, **kwargs) -> ProjectionHeadClassifier:
+    torch.manual_seed(0)
+    net = ConvNet(num_classes=10, in_channels=1, depth=2, width=8, norm="batchnorm", image_size=8)
+    return ProjectionHeadClassifier(
+        net, head=head, num_classes=10, in_channels=1, image_size=(8, 8), **({"projection_hidden_dim": 16} | kwargs)
+    )
 
 
 def _views(n: int = 6) -> list[torch.Tensor]:
@@ -58,6 +70,22 @@ def test_bad_arguments_raise_clear_errors():
         _study("deep")
     with pytest.raises(ValueError, match="projection widths must be >= 1, got 0, 8"):
         _study("mlp", projection_hidden_dim=0)
+    with pytest.raises(ValueError, match="loss must be one of .*got 'infonce'"):
+        _study("mlp", loss="infonce")
+    with pytest.raises(ValueError, match="mu must be > 0.*got -1.0"):
+        _study("mlp", loss="spectral", mu=-1.0)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        effective_rank(torch.ones(5))
+    with pytest.raises(ValueError, match="all-zero"):
+        effective_rank(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="head must be one of .*got 'linear'"):
+        _classifier("linear")
+    with pytest.raises(ValueError, match="projection_hidden_dim must be >= 1, got 0"):
+        _classifier("mlp", projection_hidden_dim=0)
+    with pytest.raises(ValueError, match="kappa must be >= 1, got 0.9"):
+        _classifier("reweight", kappa=0.9)
+    with pytest.raises(ValueError, match="Linear needs forward_features"):
+        ProjectionHeadClassifier(torch.nn.Linear(4, 10), num_classes=10)
 
 
 def test_no_head_trains_the_backbone_features_directly_with_the_loss():
@@ -92,6 +120,43 @@ def test_heads_apply_the_loss_to_their_own_output():
         assert not torch.allclose(loss, NTXentLoss(0.5)(f1, f2))
 
 
+def test_spectral_option_applies_the_spectral_loss_to_the_head_output():
+    views = _views()
+    assert isinstance(_study("mlp").loss_fn, NTXentLoss)  # the default objective is unchanged
+    spectral_loss = _study("mlp", loss="spectral", mu=None).loss_fn
+    assert isinstance(spectral_loss, SpectralContrastiveLoss) and spectral_loss.gather_distributed  # DDP default
+    assert spectral_loss.mu is None
+    for head in ("mlp", "reweight"):
+        for mu in (None, 1.0):
+            model = _study(head, loss="spectral", mu=mu, kappa=1.2)
+            f1, f2 = model(views[0]), model(views[1])
+            z1, z2 = model.projector(f1), model.projector(f2)
+            loss = model.ssl_loss(views, [f1, f2])
+            torch.testing.assert_close(loss, SpectralContrastiveLoss(mu)(z1, z2))
+            assert not torch.allclose(loss, NTXentLoss(0.5)(z1, z2))
+    # mu only bounds the norms: the bounded and unbounded losses differ once the head's outputs are long
+    bounded, unbounded = _study("linear", loss="spectral", mu=1.0), _study("linear", loss="spectral", mu=None)
+    features = [10 * bounded(v) for v in views]
+    assert bounded.projector(features[0]).norm(dim=1).min() > 1.0
+    assert not torch.allclose(bounded.ssl_loss(views, features), unbounded.ssl_loss(views, features))
+
+
+def test_effective_rank_is_the_exponential_of_the_singular_value_entropy():
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(20, 20))
+    rotation, _ = torch.linalg.qr(torch.randn(5, 5))
+    for singular_values in ([1.0, 1.0, 1.0, 0.0, 0.0], [4.0, 2.0, 1.0, 0.5, 0.25], [3.0, 0.0, 0.0, 0.0, 0.0]):
+        # a (20, 5) matrix with exactly these singular values
+        features = basis[:, :5] @ torch.diag(torch.tensor(singular_values)) @ rotation
+        total = sum(singular_values)
+        expected = math.exp(-sum(v / total * math.log(v / total) for v in singular_values if v > 0))
+        assert effective_rank(features) == pytest.approx(expected, rel=1e-4)
+        assert effective_rank(7.0 * features) == pytest.approx(expected, rel=1e-4)  # scale-free
+    assert effective_rank(basis[:, :5]) == pytest.approx(5.0, rel=1e-5)  # 5 equal directions
+    # weighting the directions unequally (the reweighting head with kappa > 1) lowers it
+    assert effective_rank(FixedReweightHead(5, kappa=2.0)(basis[:, :5])) < 4.0
+
+
 def test_features_by_depth_follow_the_head_stages():
     x = torch.randn(5, 1, 8, 8)
     mlp = _study("mlp").eval()
@@ -110,6 +175,51 @@ def test_features_by_depth_follow_the_head_stages():
         assert depths["post_projection"].shape == (5, width)
         torch.testing.assert_close(depths["post_projection"], model.projector(model(x)))
     assert torch.equal(depths["pre_projection"], depths["post_projection"])  # "none": the loss sees the features
+
+
+def test_supervised_head_is_trained_through_and_bypassed_in_the_evaluated_features():
+    images, labels = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    for head in ("mlp", "reweight"):
+        model = _classifier(head, kappa=1.3)
+        assert model.backbone.num_classes == 0  # the backbone's classifier is replaced by the model's own
+        features = model.backbone.forward_features(images)
+        through_head = model.classifier(model.projector(features))
+        if head == "reweight":
+            weights = torch.tensor([1.3**-i for i in range(model.backbone.num_features)])
+            torch.testing.assert_close(through_head, model.classifier(features * weights))
+        # training: cross-entropy of the logits through the head, and the MLP head gets gradients
+        loss, logits, _ = model.shared_step((images, labels), "train")
+        torch.testing.assert_close(logits, through_head)
+        torch.testing.assert_close(loss, F.cross_entropy(through_head, labels))
+        if head == "mlp":
+            grads = torch.autograd.grad(loss, list(model.projector.parameters()))
+            assert all(g.abs().sum() > 0 for g in grads)
+        model.eval()
+        # the evaluated representation is the pre-projection one, in either mode
+        torch.testing.assert_close(model.forward_features(images), model.backbone.forward_features(images))
+        eval_features = model.backbone.forward_features(images)
+        torch.testing.assert_close(model(images), model.classifier(model.projector(eval_features)))
+        model.evaluate_with_head = False  # the SpuCo fork's use_ph=False
+        bypassed = model(images)
+        torch.testing.assert_close(bypassed, model.classifier(eval_features))
+        assert not torch.allclose(bypassed, model.classifier(model.projector(eval_features)))
+    plain = _classifier("none").eval()
+    torch.testing.assert_close(plain(images), plain.classifier(plain.backbone.forward_features(images)))
+
+
+def test_supervised_reweight_head_learns_digits_and_evaluation_uses_the_pre_head_features(tmp_path):
+    """Seed 0: ConvNet-2 of width 8 (32 features) with the reweighting head (kappa 1.1), 3 epochs on digits."""
+    torch.manual_seed(0)
+    model = _classifier("reweight", kappa=1.1, lr=0.2)
+    datamodule = DigitsDataModule(batch_size=64, num_workers=0, seed=0)
+    trainer = cpu_trainer(max_epochs=3, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    accuracy = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/acc"]
+    pre_head_knn = frozen_knn_accuracy(model, datamodule)  # uses forward_features: the head is bypassed
+    print(f"val accuracy through the head {accuracy:.3f}; kNN of the pre-head features {pre_head_knn:.3f}")
+    # 3 epochs: the plain classifier (head "none") reaches ~0.94 here, the reweighted one ~0.73; chance is 0.1
+    assert accuracy > 0.5
+    assert pre_head_knn > 0.85
 
 
 def _naive_knn_accuracy(bank, bank_labels, queries, query_labels, k, temperature) -> float:
@@ -148,20 +258,57 @@ def test_knn_accuracy_by_depth_equals_a_direct_computation():
 
 
 @pytest.mark.slow
-def test_pre_projection_features_beat_post_projection_features_on_digits(tmp_path):
-    """Seed 0: SimCLR with an MLP head, 3 epochs on the digits' training split (ConvNet-2 of width 16)."""
+def test_on_digits_pre_projection_features_beat_and_outrank_post_projection_features(tmp_path):
+    """Seed 0, digits, ConvNet-2 of width 16 (64 features), SimCLR (NT-Xent): the MLP head 3 epochs, the reweighting
+    head (kappa 1.05) 1 epoch; the MLP head with the spectral contrastive loss 2 epochs. kNN accuracy and effective
+    rank on the un-augmented test digits, by depth."""
+    torch.set_num_threads(1)  # tiny nets: threads only contend on a loaded machine (conftest restores the count)
     evaluation = DigitsDataModule(fast_loader=False, val_split=0.5, batch_size=256, num_workers=0, seed=0)
     evaluation.setup("fit")
     evaluation.setup("test")
     bank, queries = evaluation.val_dataloader(), evaluation.test_dataloader()  # un-augmented images
-    model = _study("mlp", width=16, projection_hidden_dim=64, projection_dim=32, lr=0.3)
-    before = knn_accuracy_by_depth(model, bank, queries, k=20)
-    torch.manual_seed(0)
-    trainer = cpu_trainer(max_epochs=3, limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, fast_loader=False, ssl_views=2, num_workers=0))
-    after = knn_accuracy_by_depth(model, bank, queries, k=20)
+    test_images = torch.cat([images for images, _ in queries])
+
+    def ranks(model: ProjectionHeadStudy) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            return {name: effective_rank(f) for name, f in model.features_by_depth(test_images).items()}
+
+    def fit(model: ProjectionHeadStudy, epochs: int) -> None:
+        torch.manual_seed(0)
+        trainer = cpu_trainer(max_epochs=epochs, limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=128, fast_loader=False, ssl_views=2, num_workers=0))
+
+    mlp = _study("mlp", width=16, projection_hidden_dim=64, projection_dim=32, lr=0.3)
+    before = knn_accuracy_by_depth(mlp, bank, queries, k=20)
+    fit(mlp, 3)
+    after = knn_accuracy_by_depth(mlp, bank, queries, k=20)
+    mlp_ranks = ranks(mlp)
     print("kNN accuracy (k=20) by depth, random init:", {k: round(v, 3) for k, v in before.items()})
     print("kNN accuracy (k=20) by depth, trained:    ", {k: round(v, 3) for k, v in after.items()})
+    print("effective rank by depth, MLP head:        ", {k: round(v, 2) for k, v in mlp_ranks.items()})
     assert after["pre_projection"] > after["head_layer_1"] > after["post_projection"]
     assert after["pre_projection"] > after["post_projection"] + 0.05
     assert after["pre_projection"] > 0.5  # no collapse (chance is 0.1)
+    assert mlp_ranks["pre_projection"] > mlp_ranks["post_projection"] * 1.2
+
+    reweight = _study("reweight", width=16, kappa=1.05, lr=0.3)
+    fit(reweight, 1)
+    reweight_ranks = ranks(reweight)
+    print("effective rank by depth, reweight head:   ", {k: round(v, 2) for k, v in reweight_ranks.items()})
+    assert reweight_ranks["pre_projection"] > reweight_ranks["post_projection"] * 1.1
+
+    # the loss of the paper's theory: the spectral contrastive loss through the MLP head (official mu = 1)
+    spectral = _study("mlp", width=16, projection_hidden_dim=64, projection_dim=32, loss="spectral", lr=0.05)
+    fit(spectral, 2)
+    spectral_knn = knn_accuracy_by_depth(spectral, bank, queries, k=20)
+    spectral_ranks = ranks(spectral)
+    print("kNN accuracy (k=20) by depth, spectral:   ", {k: round(v, 3) for k, v in spectral_knn.items()})
+    print("effective rank by depth, spectral:        ", {k: round(v, 2) for k, v in spectral_ranks.items()})
+    assert spectral_knn["pre_projection"] > spectral_knn["post_projection"]
+    assert spectral_knn["pre_projection"] > 0.5
+    assert spectral_ranks["pre_projection"] > spectral_ranks["post_projection"] * 1.2
+
+    # without a head the loss sees the pre-projection features: one representation, one effective rank
+    no_head_ranks = ranks(_study("none", width=16))
+    assert no_head_ranks["pre_projection"] == no_head_ranks["post_projection"]
