@@ -1,5 +1,6 @@
 """Real-data checks on Fashion-MNIST (the Debian files; skipped when absent): brief self-supervised training of a
-small ConvNet improves the weighted-kNN accuracy of its backbone features over the same network at random init.
+small ConvNet (SimSiam, Mixed Barlow Twins, SimCLR with the Hallucinator, TCR, the projection-head study) improves
+the weighted-kNN accuracy of its backbone features over the same network at random init.
 
 On 8x8 digits random ConvNet features already reach ~0.96 kNN accuracy, which leaves too little room to see a few
 epochs of SimSiam, Mixed Barlow Twins, SimCLR with the Hallucinator or the projection-head study help; 28x28
@@ -27,6 +28,7 @@ from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from lit_methods.ssl.projection_head import ProjectionHeadStudy
 from lit_methods.ssl.simclr import SimCLR
 from lit_methods.ssl.simsiam import SimSiam
+from lit_methods.ssl.tcr import TCRPretrain
 from tests.helpers import cpu_trainer, frozen_knn_accuracy
 
 SEED = 0
@@ -58,8 +60,8 @@ CASES: dict[str, tuple[type, dict[str, Any], float]] = {
     # name: (method, arguments, smallest accepted gain in kNN accuracy). Measured, seed 0, random init 0.789:
     # SimSiam 0.811, Mixed Barlow Twins 0.801, SimCLR + Hallucinator 0.799, projection-head study (MLP head,
     # pre-projection features) 0.809 with torch's default 2 threads (24-32 s each on a 2-core machine); with
-    # 1 thread (other reduction order) 0.814, 0.801, 0.802, 0.801 (38-53 s). The gains of 1-2 points are small,
-    # hence margins of half a point (1.5 for SimSiam).
+    # 1 thread (other reduction order) 0.814, 0.801, 0.802, 0.801 (38-53 s). TCR (MLC's first stage) 0.814 with
+    # 2 threads (28 s). The gains of 1-2 points are small, hence margins of half a point (1.5 for SimSiam and TCR).
     "simsiam": (
         SimSiam,
         {
@@ -81,6 +83,11 @@ CASES: dict[str, tuple[type, dict[str, Any], float]] = {
         {"projection_hidden_dim": 128, "projection_dim": 64, "hallucinator": True},
         0.005,
     ),
+    "tcr": (
+        TCRPretrain,
+        {"hidden_dim": 128, "feature_dim": 64},
+        0.015,
+    ),
     "projection_head_study_mlp": (
         ProjectionHeadStudy,
         {"head": "mlp", "projection_hidden_dim": 128, "projection_dim": 64},
@@ -95,8 +102,8 @@ def test_brief_training_on_fashion_mnist_improves_knn_accuracy_over_the_random_i
     name, tmp_path
 ):
     """Fashion-MNIST, seed 0: the kNN accuracy of the backbone features after 8 epochs beats the same network at
-    random init (0.789) by the case's margin: 1.5 points for SimSiam (measured +2.2), half a point for the others
-    (measured +1.2, +1.0, +2.0; see CASES)."""
+    random init (0.789) by the case's margin: 1.5 points for SimSiam and TCR (measured +2.2, +2.5), half a point for
+    the others (measured +1.2, +1.0, +2.0; see CASES)."""
     method, kwargs, margin = CASES[name]
     torch.manual_seed(SEED)
     model = method(_backbone(), knn_k=KNN_K, **kwargs)
