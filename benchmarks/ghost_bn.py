@@ -13,7 +13,10 @@ Two measurements, each in training mode on the CPU with ``torch.set_num_threads(
 Ghost and plain runs alternate for ``--layer-repeats`` (layers) or ``--repeats`` (network) rounds after one untimed
 warm-up, swapping which goes first each round; medians are printed with their ratio. Goal: ghost / plain <= 1.05x for both.
 
-Run: ``python benchmarks/ghost_bn.py`` (``--layer-repeats 5 --repeats 3 --batch-size 128`` for a quick check).
+Run: ``python benchmarks/ghost_bn.py`` (``--layer-repeats 5 --repeats 3 --batch-size 128`` for a quick check). On
+CPU, glibc's malloc returns freed activation memory to the system and page-faults it in again on the next step,
+which weighs on the network timing; ``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (or
+jemalloc/tcmalloc) keeps it, for both sides alike.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, virtual batch {virtual}, "
         f"medians of {args.layer_repeats} (layers) / {args.repeats} (network) interleaved rounds, fwd + bwd in training"
     )
+    allocator = {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")}
+    print("glibc malloc settings:", allocator or "defaults", "; load average", os.getloadavg())
 
     inputs = [
         torch.randn(batch, *shape, requires_grad=True) for shape in RESNET20_SHAPES
