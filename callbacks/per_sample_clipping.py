@@ -54,13 +54,23 @@ def unsupported_trainable_layers(model: nn.Module) -> list[str]:
 
     Supported: ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, ``padding_mode="zeros"``; any stride, padding, dilation),
     ``nn.GroupNorm`` and ``nn.LayerNorm``, each called once per forward; Conv2d's padding given as numbers (not
-    ``"same"``/``"valid"``).
+    ``"same"``/``"valid"``); parameters not shared between layers (tied weights are listed).
     """
-    return [
-        f"{name!r} ({type(module).__name__})"
-        for name, module in model.named_modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and not _is_supported(module)
-    ]
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(name)
+    shared = {name for names in owners.values() if len(names) > 1 for name in names}
+    unsupported = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if name in shared:  # tied weights: the per-layer terms of one parameter would need adding up
+            unsupported.append(f"{name!r} ({type(module).__name__}, shares a parameter with another layer)")
+        elif not _is_supported(module):
+            unsupported.append(f"{name!r} ({type(module).__name__})")
+    return unsupported
 
 
 @dataclass

@@ -202,6 +202,16 @@ def test_unsupported_conv_variants_and_reparametrized_weights_are_listed():
     assert unsupported_trainable_layers(model) == []
 
 
+def test_tied_weights_are_listed_and_refused_by_book_keeping():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight  # one parameter, two layers' per-sample terms
+    model = nn.Sequential(first, nn.Tanh(), second)
+    shared = "Linear, shares a parameter with another layer"
+    assert unsupported_trainable_layers(model) == [f"'0' ({shared})", f"'2' ({shared})"]
+    with pytest.raises(TypeError, match="shares a parameter"):
+        BookKeeping(model)
+
+
 class SharedLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
