@@ -176,8 +176,8 @@ METHODS: dict[str, MethodEntry] = {
                 "experiments/slimfit/slimfit_vit_cifar10.yaml",
                 "experiments/slimfit/slimfit_vit_digits.yaml",
             ),
-            "partial",
-            "inter-layer freezing and 4-bit GELU activation storage; 8-bit attention/linear activations and frozen-LayerNorm pruning not yet",
+            "available",
+            "inter-layer freezing; 4-bit GELU inputs, 8-bit fc2 inputs and attention operands (timm's explicit path during training), top-10% pruning of frozen-LayerNorm inputs; the saved query is timm's pre-scaled one",
         ),
         _entry(
             "polarization",

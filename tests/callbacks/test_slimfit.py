@@ -1,5 +1,6 @@
 """SlimFit: the ILS rule against a hand computation and against a recorded training trace, frozen tensors untouched
-by AdamW (weights and state), low-bit GELU storage (round trip, gradient agreement, saved bytes), resume, bad input."""
+by AdamW (weights and state), low-bit GELU storage (round trip, gradient agreement, saved bytes), resume, bad input.
+The 8-bit linear/attention storage and the frozen-LayerNorm pruning: tests/callbacks/test_slimfit_activations.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from timm.layers import use_fused_attn
 
 from callbacks.slimfit import InterLayerScheduler, SlimFit, pack_fixed_point, relative_change, unpack_fixed_point
 from datamodules import DigitsDataModule
@@ -123,6 +125,15 @@ def test_fixed_point_packing_round_trip():
     two_bit = pack_fixed_point(torch.tensor([-2.0, -1.0, 0.0, 1.0, 5.0]), 2, 0)
     assert two_bit.numel() == 2
     assert unpack_fixed_point(two_bit, 2, 0, torch.Size([5]), torch.float32).tolist() == [-2, -1, 0, 1, 1]
+    probabilities = torch.arange(256, dtype=torch.float32) / 256  # unsigned, 8 fractional bits: [0, 255/256]
+    packed = pack_fixed_point(probabilities, 8, 8, signed=False)
+    assert torch.equal(
+        unpack_fixed_point(packed, 8, 8, probabilities.shape, torch.float32, signed=False), probabilities
+    )
+    edges = unpack_fixed_point(
+        pack_fixed_point(torch.tensor([-0.1, 1.0]), 8, 8, False), 8, 8, torch.Size([2]), torch.float32, False
+    )
+    assert edges.tolist() == [0.0, 255 / 256]
 
 
 def _gradients_and_saved_bytes(slimfit: SlimFit, freeze: bool) -> tuple[torch.Tensor, int]:
@@ -139,12 +150,17 @@ def _gradients_and_saved_bytes(slimfit: SlimFit, freeze: bool) -> tuple[torch.Te
     return torch.cat([p.grad.flatten() for p in trainable]), slimfit.step_saved_bytes
 
 
+GELU_ONLY = {"quantized_linears": (), "quantize_attention": False, "layernorm_keep_ratio": None}
+
+
 def test_low_bit_gelu_storage_keeps_the_gradient_and_freezing_plus_quantization_saves_memory():
-    exact, full_bytes = _gradients_and_saved_bytes(SlimFit(freeze_ratio=0.0, quantize_gelu=False), freeze=False)
-    quantized, gelu_bytes = _gradients_and_saved_bytes(
-        SlimFit(freeze_ratio=0.0, gelu_bits=8, gelu_fraction_bits=4), False
+    exact, full_bytes = _gradients_and_saved_bytes(
+        SlimFit(freeze_ratio=0.0, quantize_gelu=False, **GELU_ONLY), freeze=False
     )
-    coarse, coarse_bytes = _gradients_and_saved_bytes(SlimFit(freeze_ratio=0.0), freeze=False)  # official 4 bits
+    quantized, gelu_bytes = _gradients_and_saved_bytes(
+        SlimFit(freeze_ratio=0.0, gelu_bits=8, gelu_fraction_bits=4, **GELU_ONLY), False
+    )
+    coarse, coarse_bytes = _gradients_and_saved_bytes(SlimFit(freeze_ratio=0.0, **GELU_ONLY), freeze=False)  # 4 bits
     cosine_8 = F.cosine_similarity(exact, quantized, dim=0).item()
     cosine_4 = F.cosine_similarity(exact, coarse, dim=0).item()
     print(f"gradient cosine: 8-bit GELU {cosine_8:.4f}, 4-bit GELU {cosine_4:.4f}")
@@ -153,9 +169,11 @@ def test_low_bit_gelu_storage_keeps_the_gradient_and_freezing_plus_quantization_
     gelu_inputs = 4 * 16 * 17 * 128
     assert full_bytes - gelu_bytes == gelu_inputs * 4 - gelu_inputs
     assert full_bytes - coarse_bytes == gelu_inputs * 4 - gelu_inputs // 2
-    _, slim_bytes = _gradients_and_saved_bytes(SlimFit(freeze_ratio=0.75), freeze=True)
-    print(f"saved activations: full {full_bytes} B, SlimFit 0.75 + 4-bit GELU {slim_bytes} B")
-    assert slim_bytes < 0.6 * full_bytes
+    _, slim_bytes = _gradients_and_saved_bytes(SlimFit(freeze_ratio=0.75, **GELU_ONLY), freeze=True)
+    _, official_bytes = _gradients_and_saved_bytes(SlimFit(freeze_ratio=0.75), freeze=True)
+    print(f"saved activations: full {full_bytes} B, SlimFit 0.75 + 4-bit GELU {slim_bytes} B, + 8-bit linear/attention")
+    print(f"and pruned frozen LayerNorms (the defaults) {official_bytes} B")
+    assert official_bytes < slim_bytes < 0.6 * full_bytes
 
 
 def _fit(tmp_path, max_epochs: int, ckpt_path=None, callbacks=()):
@@ -181,6 +199,10 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b), name
     assert torch.equal(straight_slimfit.scheduler.scores, resumed_slimfit.scheduler.scores)
     assert straight_slimfit.frozen_steps == resumed_slimfit.frozen_steps and len(resumed_slimfit.frozen_steps) == 2
+    # the activation options (on by default) add no state, and the attention modules get their fused path back
+    assert set(resumed_slimfit.state_dict()) == {"names", "scheduler", "snapshots", "frozen_steps"}
+    assert len(resumed_slimfit._attention_modules) == 4
+    assert all(module.fused_attn == use_fused_attn() for module in resumed_slimfit._attention_modules)
 
 
 @pytest.mark.parametrize(
