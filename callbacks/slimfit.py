@@ -318,6 +318,7 @@ class SlimFit(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._saved_hooks: AbstractContextManager | None = None
         self._regions: list[_Region] = []
+        self._saving = False  # inside saved_activation_hooks: the module hooks record which module is running
         self._attention_modules: list[Attention] = []
         self._parameter_pointers: set[int] = set()
         self._counted_storages: set[int] = set()
@@ -387,6 +388,8 @@ class SlimFit(Callback):
             )
 
     def _enter_region(self, kind: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if not self._saving:  # outside a training step (validation, inference) nothing is saved for backward
+            return
         self._regions.append(_Region(kind, module, inputs[0] if inputs and isinstance(inputs[0], Tensor) else None))
 
     def _leave_region(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -504,6 +507,7 @@ class SlimFit(Callback):
         self._regions = []
         fused = [module.fused_attn for module in self._attention_modules]
         try:
+            self._saving = True
             for module in self._attention_modules:
                 module.fused_attn = False
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
@@ -512,6 +516,7 @@ class SlimFit(Callback):
             for module, was_fused in zip(self._attention_modules, fused):
                 module.fused_attn = was_fused
             self._regions = []
+            self._saving = False
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self._close_saved_hooks()
