@@ -1,4 +1,4 @@
-"""Step time of :class:`~callbacks.error_feedback_dp.ErrorFeedbackDP` against a non-private step and opacus.
+"""Step time of :class:`~lit_methods.callbacks.error_feedback_dp.ErrorFeedbackDP` against a non-private step and opacus.
 
 All sides train a GroupNorm ResNet-20 (``lit_methods.nets.ResNet20(norm="groupnorm")`` inside an
 ``ImageClassifier``, 10 classes) with plain SGD (lr 0.1) on the same pre-generated random CIFAR-shaped batches
@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from callbacks.error_feedback_dp import ErrorFeedbackDP
+from lit_methods.callbacks.error_feedback_dp import ErrorFeedbackDP
 from lit_methods import ImageClassifier
 from lit_methods.nets import ResNet20
 

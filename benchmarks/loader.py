@@ -6,9 +6,9 @@ Data: ``--num-images`` (default 50,000) random CIFAR-shaped ``uint8`` images ``(
   that, like ``torchvision.datasets.CIFAR10``, turns each HWC ``uint8`` sample into a PIL image and applies
   torchvision transforms: ``--transforms v1`` (default) is ``transforms.RandomCrop(32, padding=4)``,
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``; ``v2`` is the project's own slow path,
-  :func:`datamodules.transforms.build_train_transforms` (``transforms.v2``).
-* fast: :class:`~datamodules.fast.InMemoryBatchLoader` over a :class:`~datamodules.fast.ShardedEpochSampler`, each
-  batch moved to ``--device`` and augmented there by :class:`~datamodules.fast.BatchAugment` (crop padding 4,
+  :func:`lit_methods.datamodules.transforms.build_train_transforms` (``transforms.v2``).
+* fast: :class:`~lit_methods.datamodules.fast.InMemoryBatchLoader` over a :class:`~lit_methods.datamodules.fast.ShardedEpochSampler`, each
+  batch moved to ``--device`` and augmented there by :class:`~lit_methods.datamodules.fast.BatchAugment` (crop padding 4,
   horizontal flip, normalize), with ``torch.cuda.synchronize()`` after every batch on CUDA.
 
 Both paths first run ``--warmup`` untimed batches from a throw-away iterator. Each timed epoch then starts from a new
@@ -37,9 +37,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from datamodules.cifar import CIFAR10DataModule
-from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
-from datamodules.transforms import build_train_transforms
+from lit_methods.datamodules.cifar import CIFAR10DataModule
+from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.transforms import build_train_transforms
 
 MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
 GOAL = 10.0

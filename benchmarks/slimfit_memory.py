@@ -1,4 +1,4 @@
-"""Activation memory saved for backward under SlimFit (``callbacks.slimfit.SlimFit``) against full fine-tuning.
+"""Activation memory saved for backward under SlimFit (``lit_methods.callbacks.slimfit.SlimFit``) against full fine-tuning.
 
 Ardakani et al., "SlimFit: Memory-Efficient Fine-Tuning of Transformer-based Models Using Training Dynamics",
 https://arxiv.org/abs/2305.18513 (up to 2.2x less GPU memory on average in the paper, ViT-B/16 at 224 px).
@@ -21,7 +21,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from callbacks.slimfit import SlimFit
+from lit_methods.callbacks.slimfit import SlimFit
 from lit_methods.nets import ViT
 
 

@@ -3,12 +3,12 @@
 Data: ``--num-images`` (default 10,000) random CIFAR-shaped ``uint8`` images ``(N, 3, 32, 32)`` and labels, seeded.
 
 * torchvision path (what ``InMemoryVisionDataModule(fast_loader=False, ssl_views=...)`` runs): a ``DataLoader``
-  (``shuffle=True``, ``--batch-size``, ``--num-workers``) over :class:`~datamodules.base.ArrayImageDataset`, whose
-  items are PIL images passed through :class:`~datamodules.transforms.MultiView` of
-  :func:`~datamodules.transforms.build_ssl_view_transforms` (random resized crop, flip, colour jitter p = 0.8,
+  (``shuffle=True``, ``--batch-size``, ``--num-workers``) over :class:`~lit_methods.datamodules.base.ArrayImageDataset`, whose
+  items are PIL images passed through :class:`~lit_methods.datamodules.transforms.MultiView` of
+  :func:`~lit_methods.datamodules.transforms.build_ssl_view_transforms` (random resized crop, flip, colour jitter p = 0.8,
   grayscale p = 0.2, normalize), ``--views`` global views plus ``--local-views`` of ``--local-size``.
-* fast path (``fast_loader=True``): :class:`~datamodules.fast.InMemoryBatchLoader` batches moved to ``--device`` and
-  turned into the same views there by :class:`~datamodules.ssl_views.SSLViewAugment`, with
+* fast path (``fast_loader=True``): :class:`~lit_methods.datamodules.fast.InMemoryBatchLoader` batches moved to ``--device`` and
+  turned into the same views there by :class:`~lit_methods.datamodules.ssl_views.SSLViewAugment`, with
   ``torch.cuda.synchronize()`` after every batch on CUDA.
 
 Each timed epoch starts from a new iterator (the torchvision figures include its worker startup, as users see it),
@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.base import ArrayImageDataset
-from datamodules.cifar import CIFAR10DataModule
-from datamodules.fast import InMemoryBatchLoader, ShardedEpochSampler
-from datamodules.ssl_views import SSLViewAugment
-from datamodules.transforms import MultiView, build_ssl_view_transforms
+from lit_methods.datamodules.base import ArrayImageDataset
+from lit_methods.datamodules.cifar import CIFAR10DataModule
+from lit_methods.datamodules.fast import InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.ssl_views import SSLViewAugment
+from lit_methods.datamodules.transforms import MultiView, build_ssl_view_transforms
 
 MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
 

@@ -1,11 +1,11 @@
 """Callbacks of lit-methods: techniques that apply to any LightningModule."""
 
-from callbacks.activating_while_pruning import ActivatingWhilePruning
-from callbacks.adaptive_precision import AdaptivePrecision
-from callbacks.dead_neurons import DeadNeuronRate
-from callbacks.error_feedback_dp import ErrorFeedbackDP
-from callbacks.ghost_bn import GhostBatchNorm
-from callbacks.slimfit import SlimFit
+from lit_methods.callbacks.activating_while_pruning import ActivatingWhilePruning
+from lit_methods.callbacks.adaptive_precision import AdaptivePrecision
+from lit_methods.callbacks.dead_neurons import DeadNeuronRate
+from lit_methods.callbacks.error_feedback_dp import ErrorFeedbackDP
+from lit_methods.callbacks.ghost_bn import GhostBatchNorm
+from lit_methods.callbacks.slimfit import SlimFit
 
 __all__ = [
     "ActivatingWhilePruning",

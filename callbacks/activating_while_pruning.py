@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from callbacks.dead_neurons import DeadNeuronRate, observe_relu_outputs
+from lit_methods.callbacks.dead_neurons import DeadNeuronRate, observe_relu_outputs
 
 __all__ = ["ActivatingWhilePruning", "select_surviving_weights"]
 
@@ -75,7 +75,7 @@ class ActivatingWhilePruning(Callback):
 
     Logged each epoch: ``ap/sparsity`` (pruned share of prunable weights) and, with ``track_dead_neurons``, the
     dynamic dead neuron rate of the ``nn.ReLU`` modules over the epoch's training batches
-    (:mod:`callbacks.dead_neurons`): ``ap/dead_neuron_rate`` (pooled) and ``ap/dead_neuron_rate_layer_mean``.
+    (:mod:`lit_methods.callbacks.dead_neurons`): ``ap/dead_neuron_rate`` (pooled) and ``ap/dead_neuron_rate_layer_mean``.
 
     Requires of the module: conv/linear layers (``nn.Conv*d``/``nn.Linear``) and, for the DNR, ``nn.ReLU`` modules
     (functional ``F.relu`` is not observed). Under DDP the masks are computed on every rank and rank 0's are broadcast.

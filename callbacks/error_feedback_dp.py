@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
+from lit_methods.callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
 
 __all__ = ["ErrorFeedbackDP"]
 
@@ -103,7 +103,7 @@ class ErrorFeedbackDP(Callback):
 
     - ``"book_keeping"`` (Bu et al., "Differentially Private Optimization on Large Model at Small Cost",
       https://arxiv.org/abs/2210.00038, with ghost norms of Li et al., https://arxiv.org/abs/2110.05679): Lightning's
-      ordinary backward is the only backward. Hooks (:class:`callbacks.per_sample_clipping.BookKeeping`) record each
+      ordinary backward is the only backward. Hooks (:class:`lit_methods.callbacks.per_sample_clipping.BookKeeping`) record each
       layer's input and output gradient; per-sample norms are computed from them (ghost norms where cheaper), and
       the clipped sum is one matmul or weighted sum per layer. In one process the backward skips the batch
       gradients of the parameters (they would be discarded) and the raw mean that DiceSGD's buffer needs comes
@@ -279,7 +279,7 @@ class ErrorFeedbackDP(Callback):
 
         Called at setup when book-keeping is chosen (``parameter_gradients`` only under DDP, whose reducer needs
         them); call it by hand to use the callback outside a Trainer. ``parameter_gradients=False`` spares the
-        backward the batch gradients of the parameters (see :class:`~callbacks.per_sample_clipping.BookKeeping`).
+        backward the batch gradients of the parameters (see :class:`~lit_methods.callbacks.per_sample_clipping.BookKeeping`).
         """
         self.detach_book_keeping()
         self._book_keeping = BookKeeping(pl_module, parameter_gradients=parameter_gradients)

@@ -1,12 +1,12 @@
 """LightningDataModules of lit-methods: CIFAR, ImageNet and their variants, Fashion-MNIST and digits."""
 
-from datamodules.base import InMemoryVisionDataModule, VisionDataModule
-from datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule, CIFAR100LTDataModule
-from datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
-from datamodules.digits import DigitsDataModule
-from datamodules.fashion_mnist import FashionMNISTDataModule
-from datamodules.hard_batches import HardBatchDataModule
-from datamodules.imagenet import (
+from lit_methods.datamodules.base import InMemoryVisionDataModule, VisionDataModule
+from lit_methods.datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule, CIFAR100LTDataModule
+from lit_methods.datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
+from lit_methods.datamodules.digits import DigitsDataModule
+from lit_methods.datamodules.fashion_mnist import FashionMNISTDataModule
+from lit_methods.datamodules.hard_batches import HardBatchDataModule
+from lit_methods.datamodules.imagenet import (
     DownsampledImageNetDataModule,
     ImageNet100DataModule,
     ImageNetDataModule,

@@ -21,10 +21,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
-from datamodules.ssl_views import SSLViewAugment, validate_scale, validate_view_counts
-from datamodules.subsets import long_tailed_indices, per_class_subset_indices
-from datamodules.transforms import (
+from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.ssl_views import SSLViewAugment, validate_scale, validate_view_counts
+from lit_methods.datamodules.subsets import long_tailed_indices, per_class_subset_indices
+from lit_methods.datamodules.transforms import (
     MultiView,
     build_eval_transforms,
     build_ssl_view_transforms,
@@ -182,7 +182,7 @@ class InMemoryVisionDataModule(VisionDataModule):
 
     Args:
         fast_loader: gather batches from the in-memory tensor and augment them on their device
-            (:mod:`datamodules.fast`); ``False`` uses a torchvision ``DataLoader`` with per-sample PIL transforms.
+            (:mod:`lit_methods.datamodules.fast`); ``False`` uses a torchvision ``DataLoader`` with per-sample PIL transforms.
         crop_padding: zero padding of the random crop (0: no crop).
         horizontal_flip: random horizontal flips.
         cutout_size: side of the Cutout square (0: no cutout).
@@ -196,8 +196,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         ssl_views: training batches become ``([view_1, ..., view_n, local_1, ..., local_m], labels)`` with
             SimCLR's CIFAR augmentation for self-supervised methods; 0 is off, else the number of full-size
             (global) views, >= 2. Per image in the torchvision path
-            (:func:`~datamodules.transforms.build_ssl_view_transforms`), batched on the device in the fast path
-            (:class:`~datamodules.ssl_views.SSLViewAugment`, same distribution); validation and test batches stay
+            (:func:`~lit_methods.datamodules.transforms.build_ssl_view_transforms`), batched on the device in the fast path
+            (:class:`~lit_methods.datamodules.ssl_views.SSLViewAugment`, same distribution); validation and test batches stay
             single-view. ``crop_padding``, ``horizontal_flip`` and ``cutout_size`` do not apply to the views.
         ssl_local_views: number of small multi-crop views after the global ones (Caron et al., SwAV,
             arXiv:2006.09882); needs ``ssl_views`` and ``ssl_local_size``.

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule
 
 __all__ = [
     "CIFAR100DataModule",
@@ -108,7 +108,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10: 50,000 training and 10,000 test 32x32 RGB images of 10 classes (Krizhevsky, 2009).
 
     Reads ``<data_dir>/cifar-10-batches-py/data_batch_1..5`` (the training split, concatenated in that order) and
-    ``test_batch``; ``batches.meta`` is not needed. Arguments: see :class:`~datamodules.base.InMemoryVisionDataModule`.
+    ``test_batch``; ``batches.meta`` is not needed. Arguments: see :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule`.
     """
 
     name: ClassVar[str] = "cifar10"
@@ -142,7 +142,7 @@ class CIFAR100DataModule(_CIFARDataModule):
 
     Args:
         label_type: ``"fine"`` for the 100 classes, ``"coarse"`` for the 20 superclasses (``num_classes`` follows).
-        **others: see :class:`~datamodules.base.InMemoryVisionDataModule`.
+        **others: see :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule`.
     """
 
     name: ClassVar[str] = "cifar100"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from lit_methods.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
 
 __all__ = ["CIFAR100BDataModule", "CIFAR10BDataModule", "read_subgroup_file"]
 
@@ -96,7 +96,7 @@ class CIFAR10BDataModule(_SubgroupMixin, CIFAR10DataModule):
 
     Args:
         subgroup_file: path of ``cifar10_bgd_cl2img_gp_fine.npy`` (default: inside ``data_dir``).
-        **kwargs: the arguments of :class:`~datamodules.CIFAR10DataModule`.
+        **kwargs: the arguments of :class:`~lit_methods.datamodules.CIFAR10DataModule`.
     """
 
     name: ClassVar[str] = "cifar10_b"
@@ -117,7 +117,7 @@ class CIFAR100BDataModule(_SubgroupMixin, CIFAR100DataModule):
 
     Args:
         subgroup_file: path of ``cifar100_bgd_cl2img_gp_fine.npy`` (default: inside ``data_dir``).
-        **kwargs: the arguments of :class:`~datamodules.CIFAR100DataModule` (``label_type`` must stay "fine").
+        **kwargs: the arguments of :class:`~lit_methods.datamodules.CIFAR100DataModule` (``label_type`` must stay "fine").
     """
 
     name: ClassVar[str] = "cifar100_b"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule
 
 __all__ = ["DigitsDataModule", "load_digits_uint8"]
 
@@ -36,7 +36,7 @@ class DigitsDataModule(InMemoryVisionDataModule):
             images).
         crop_padding: defaults to 1 pixel: one pixel is already 1/8 of the image.
         horizontal_flip: defaults to ``False``: digits are not left-right symmetric (2, 3, 7, ...).
-        **others: see :class:`~datamodules.base.InMemoryVisionDataModule`; ``data_dir`` and ``download`` are unused
+        **others: see :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule`; ``data_dir`` and ``download`` are unused
             (the data ships with scikit-learn).
     """
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchvision.datasets import FashionMNIST
 
-from datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule
 
 __all__ = ["FashionMNISTDataModule", "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "read_idx"]
 
@@ -85,7 +85,7 @@ class FashionMNISTDataModule(InMemoryVisionDataModule):
     28x28 object that fills its frame) and ``horizontal_flip=True`` (garments are left-right symmetric), the usual
     Fashion-MNIST recipe. ``mean``/``std`` are those of the 60,000 training images in [0, 1].
 
-    Arguments: see :class:`~datamodules.base.InMemoryVisionDataModule`.
+    Arguments: see :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule`.
     """
 
     name: ClassVar[str] = "fashion_mnist"

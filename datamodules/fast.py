@@ -7,8 +7,8 @@ to the batch after it reached its device (the datamodule calls it from ``on_afte
 
 The random parameters are drawn on the CPU from a seeded :class:`torch.Generator` and then applied on the batch's
 device, so the same seed gives the same augmented batches on CPU and GPU. The distribution matches the torchvision path built by
-:func:`datamodules.transforms.build_train_transforms` (``RandomCrop(padding=p)`` with zero fill, ``RandomHorizontalFlip``,
-``Normalize``, then :class:`datamodules.transforms.Cutout`).
+:func:`lit_methods.datamodules.transforms.build_train_transforms` (``RandomCrop(padding=p)`` with zero fill, ``RandomHorizontalFlip``,
+``Normalize``, then :class:`lit_methods.datamodules.transforms.Cutout`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ ordinary epochs is ``epochs * b``: set ``trainer.max_steps`` to :meth:`HardBatch
 ``max_epochs: -1``, so that Lightning "epochs" are passes of ``floor(delta * b)`` steps; validate every ``b`` steps
 with ``val_check_interval: b`` and ``check_val_every_n_epoch: null`` (see :class:`HardBatchLoader`).
 
-:class:`HardBatchDataModule` wraps any :class:`~datamodules.base.InMemoryVisionDataModule` (fast loader) and yields
+:class:`HardBatchDataModule` wraps any :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` (fast loader) and yields
 ``(images, labels, batch_id)`` training batches; whoever computes the loss (the model) reports it through the
 documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses and the loader's position
 (pass, its chosen batches, how many were trained) are saved with the datamodule in checkpoints, so a run resumed
@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule
 
 __all__ = ["FixedBatches", "HardBatchDataModule", "HardBatchLoader", "HardBatchSelector"]
 
@@ -264,7 +264,7 @@ class HardBatchDataModule(L.LightningDataModule):
     ``num_classes``, ``in_channels``, ``image_size``, ``mean`` and ``std`` are those of ``datamodule``.
 
     Args:
-        datamodule: the dataset, an :class:`~datamodules.base.InMemoryVisionDataModule` with ``fast_loader=True``;
+        datamodule: the dataset, an :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` with ``fast_loader=True``;
             its ``batch_size``, augmentation, validation and test splits are used as they are (the paper uses no
             augmentation: ``crop_padding=0``, ``horizontal_flip=False``).
         delta: fraction of the fixed batches re-trained in every pass after the first, in (0, 1] (paper: 0.2, 0.5,

@@ -30,7 +30,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
-from datamodules.base import InMemoryVisionDataModule, VisionDataModule, split_indices
+from lit_methods.datamodules.base import InMemoryVisionDataModule, VisionDataModule, split_indices
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -114,7 +114,7 @@ class ImageNetDataModule(VisionDataModule):
     Args:
         image_size: side of the (square) training crop and evaluation centre crop.
         class_list: text file of wnids, one per line (see :func:`read_class_list`), to train on a class subset.
-        **others: see :class:`~datamodules.base.VisionDataModule`. ``download=True`` is rejected: see above.
+        **others: see :class:`~lit_methods.datamodules.base.VisionDataModule`. ``download=True`` is rejected: see above.
     """
 
     name: ClassVar[str] = "imagenet"
@@ -347,7 +347,7 @@ class DownsampledImageNetDataModule(InMemoryVisionDataModule):
 
     Args:
         resolution: image side, 16, 32 or 64.
-        **others: see :class:`~datamodules.base.InMemoryVisionDataModule`.
+        **others: see :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule`.
     """
 
     name: ClassVar[str] = "downsampled_imagenet"

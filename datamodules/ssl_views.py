@@ -1,10 +1,10 @@
 """Self-supervised views of a whole ``uint8`` batch, built on the batch's device without a per-image loop.
 
-:class:`SSLViewAugment` is the fast-path counterpart of :func:`datamodules.transforms.build_ssl_view_transforms`
+:class:`SSLViewAugment` is the fast-path counterpart of :func:`lit_methods.datamodules.transforms.build_ssl_view_transforms`
 (SimCLR, Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations",
-arXiv:2002.05709) wrapped in :class:`datamodules.transforms.MultiView`, including multi-crop (Caron et al. 2020,
+arXiv:2002.05709) wrapped in :class:`lit_methods.datamodules.transforms.MultiView`, including multi-crop (Caron et al. 2020,
 "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", arXiv:2006.09882). Every random
-parameter is drawn on a seeded CPU :class:`torch.Generator` (as :class:`datamodules.fast.BatchAugment` does) and the
+parameter is drawn on a seeded CPU :class:`torch.Generator` (as :class:`lit_methods.datamodules.fast.BatchAugment` does) and the
 ops then run on the batch's device with per-sample parameters:
 
 * random resized crop + horizontal flip: one pair of per-sample interpolation matrices per view, applied as two
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from datamodules.fast import checked_normalization
+from lit_methods.datamodules.fast import checked_normalization
 
 __all__ = [
     "GRAYSCALE_WEIGHTS",
@@ -196,7 +196,7 @@ class SSLViewAugment:
     Returns ``[global_1, ..., global_g, local_1, ..., local_l]``: global views keep the input's ``H x W``, local
     views are ``local_size x local_size``. Each view: random resized crop (``ratio`` 3/4 to 4/3) and horizontal
     flip (p = 0.5), colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8 in a per-sample random order, grayscale with
-    p = 0.2, normalization; the same distribution as :func:`datamodules.transforms.build_ssl_view_transforms`.
+    p = 0.2, normalization; the same distribution as :func:`lit_methods.datamodules.transforms.build_ssl_view_transforms`.
 
     Args:
         mean: per-channel mean in [0, 1] units.

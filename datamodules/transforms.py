@@ -1,4 +1,4 @@
-"""torchvision (v2) transform builders: the per-sample counterpart of :class:`datamodules.fast.BatchAugment`."""
+"""torchvision (v2) transform builders: the per-sample counterpart of :class:`lit_methods.datamodules.fast.BatchAugment`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from datamodules.fast import cutout
-from datamodules.ssl_views import validate_scale
+from lit_methods.datamodules.fast import cutout
+from lit_methods.datamodules.ssl_views import validate_scale
 
 __all__ = [
     "PAPER_MAGNITUDE_LEVELS",
@@ -74,7 +74,7 @@ def build_train_transforms(
 ) -> Callable:
     """PIL image -> normalized float tensor: crop, flip, then RandAugment on the image (``randaugment_num_ops`` > 0),
     then normalization and Cutout, the CIFAR order of AutoAugment/RandAugment. Without RandAugment the random ops are
-    those of :class:`~datamodules.fast.BatchAugment`, with the same distribution."""
+    those of :class:`~lit_methods.datamodules.fast.BatchAugment`, with the same distribution."""
     ops: list[Callable] = []
     if crop_padding:
         ops.append(v2.RandomCrop(image_size, padding=crop_padding, fill=0))
@@ -130,7 +130,7 @@ def build_ssl_view_transforms(
     """One SimCLR view for CIFAR-sized images (Chen et al. 2020, arXiv:2002.05709, appendix B.9): random resized
     crop to ``image_size`` covering ``min_scale`` to ``max_scale`` of the area, flip, colour jitter
     (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization. The per-image counterpart of
-    :class:`datamodules.ssl_views.SSLViewAugment`; a multi-crop local view is this with a small ``image_size``."""
+    :class:`lit_methods.datamodules.ssl_views.SSLViewAugment`; a multi-crop local view is this with a small ``image_size``."""
     validate_scale("(min_scale, max_scale)", (min_scale, max_scale))
     return v2.Compose(
         [

@@ -87,7 +87,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "2311.14632",
             "privacy",
             "callback",
-            "callbacks.ErrorFeedbackDP",
+            "lit_methods.callbacks.ErrorFeedbackDP",
             (
                 "experiments/dicesgd/dicesgd_resnet20_cifar10.yaml",
                 "experiments/dicesgd/dpsgd_gc_resnet20_cifar10.yaml",
@@ -127,7 +127,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "2212.06145",
             "pruning",
             "callback",
-            "callbacks.ActivatingWhilePruning",
+            "lit_methods.callbacks.ActivatingWhilePruning",
             ("experiments/ap/ap_resnet20_cifar10.yaml", "experiments/ap/ap_convnet_fashion_mnist.yaml"),
             "available",
         ),
@@ -145,7 +145,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "1909.13719",
             "augmentation",
             "transform",
-            "datamodules.transforms.randaugment",
+            "lit_methods.datamodules.transforms.randaugment",
             ("experiments/randaugment/randaugment_wrn28_10_cifar10.yaml", "experiments/sweeps/randaugment_n_m.yaml"),
             "available",
         ),
@@ -171,7 +171,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "2305.18513",
             "efficient fine-tuning",
             "callback",
-            "callbacks.SlimFit",
+            "lit_methods.callbacks.SlimFit",
             (
                 "experiments/slimfit/slimfit_vit_cifar10.yaml",
                 "experiments/slimfit/slimfit_vit_digits.yaml",
@@ -287,7 +287,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "2303.04278",
             "data protection",
             "transform",
-            "datamodules.unlearnable.CUDATransform",
+            "lit_methods.datamodules.unlearnable.CUDATransform",
         ),
         _entry(
             "pubdef",
@@ -330,7 +330,7 @@ METHODS: dict[str, MethodEntry] = {
                 "experiments/hard-batches/hard-batches_convnet_digits.yaml",
             ),
             "available",
-            "with datamodules.HardBatchDataModule; exact resume from any checkpoint (under DDP: from pass boundaries)",
+            "with lit_methods.datamodules.HardBatchDataModule; exact resume from any checkpoint (under DDP: from pass boundaries)",
         ),
         MethodEntry(
             "bd-kd",
@@ -392,7 +392,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "1705.08741",
             "large-batch training",
             "callback",
-            "callbacks.GhostBatchNorm",
+            "lit_methods.callbacks.GhostBatchNorm",
             (
                 "experiments/ghost-bn/ghost-bn_resnet20_cifar10.yaml",
                 "experiments/ghost-bn/ghost-bn_resnet20_cifar10_regime-adaptation.yaml",
@@ -471,7 +471,7 @@ METHODS: dict[str, MethodEntry] = {
             _ARXIV + "2107.13490",
             "quantized training",
             "callback",
-            "callbacks.AdaptivePrecision",
+            "lit_methods.callbacks.AdaptivePrecision",
             (
                 "experiments/adapt/adapt_resnet20_cifar10.yaml",
                 "experiments/adapt/adapt_resnet20_cifar100.yaml",

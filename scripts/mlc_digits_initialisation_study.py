@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from datamodules.digits import DigitsDataModule, load_digits_uint8
-from datamodules.fast import BatchAugment
+from lit_methods.datamodules.digits import DigitsDataModule, load_digits_uint8
+from lit_methods.datamodules.fast import BatchAugment
 from lit_methods.ssl.clustering_metrics import clustering_accuracy
 from lit_methods.ssl.mlc import MLC
 from lit_methods.ssl.tcr import TCRPretrain

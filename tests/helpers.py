@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from datamodules import InMemoryVisionDataModule
+from lit_methods.datamodules import InMemoryVisionDataModule
 from lit_methods.ssl.monitors import WeightedKNNClassifier
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet
 from tests.ddp_helpers import run_distributed

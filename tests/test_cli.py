@@ -24,7 +24,7 @@ TINY_FIT = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
-DIGITS = ["--data=datamodules.DigitsDataModule", "--data.batch_size=32"]
+DIGITS = ["--data=lit_methods.datamodules.DigitsDataModule", "--data.batch_size=32"]
 TINY_CONVNET = ["--model.backbone=lit_methods.nets.ConvNet", "--model.backbone.width=8", "--model.backbone.depth=2"]
 
 
@@ -169,7 +169,7 @@ def test_sweep_run_fits_and_pushes_the_config_to_offline_wandb(in_tmp_dir, monke
     monkeypatch.setenv("WANDB_DIR", str(in_tmp_dir))
     argv, chosen = _sweep_argv(EXPERIMENTS / "sweeps" / "quickstart_lr_batch.yaml")
     assert argv[0] == "fit"
-    cli = LitMethodsCLI(args=[*argv, *TINY_CONVNET, "--data=datamodules.DigitsDataModule", *CPU, *TINY_FIT])
+    cli = LitMethodsCLI(args=[*argv, *TINY_CONVNET, "--data=lit_methods.datamodules.DigitsDataModule", *CPU, *TINY_FIT])
     assert cli.model.lr == chosen["model.init_args.lr"]
     assert cli.datamodule.batch_size == chosen["data.init_args.batch_size"]
     assert cli.trainer.global_step == 2

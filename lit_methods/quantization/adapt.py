@@ -5,7 +5,7 @@ The rules follow the official code (lorenz0890/AdaPT, ``optimizers/msgd_fp.py``)
 from our card this module says so:
 
 - A tensor's precision switches whenever its lookback window of gradients is complete (the code), not only between
-  epochs (the paper); :class:`~callbacks.adaptive_precision.AdaptivePrecision` offers both.
+  epochs (the paper); :class:`~lit_methods.callbacks.adaptive_precision.AdaptivePrecision` offers both.
 - Push-up adds ``s = 1`` fractional bit by default and computes the diversity-driven ``s`` only when
   ``log(GD) - 1 > 0`` (the code), so even identical gradients (GD = 1) raise the precision found by push-down by
   one bit; the card's "no increase at GD = 1" does not match the code.

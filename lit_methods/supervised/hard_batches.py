@@ -15,16 +15,16 @@ __all__ = ["HardBatchClassifier"]
 class HardBatchClassifier(ImageClassifier):
     """:class:`~lit_methods.ImageClassifier` that reports each training batch's loss to the hard-batch selector.
 
-    Train it on :class:`datamodules.hard_batches.HardBatchDataModule`, whose training batches are
+    Train it on :class:`lit_methods.datamodules.hard_batches.HardBatchDataModule`, whose training batches are
     ``(images, labels, batch_id)``: every training step all-gathers ``(batch_id, loss)`` over the processes and hands
-    them to the datamodule's :meth:`~datamodules.hard_batches.HardBatchDataModule.record_batch_losses`, so the
+    them to the datamodule's :meth:`~lit_methods.datamodules.hard_batches.HardBatchDataModule.record_batch_losses`, so the
     selector ranks every fixed batch by its latest loss (the detached loss of the forward pass before that step's
     update, as the official code records it). Which batches a pass trains is decided by the datamodule; the
     objective, metrics and optimizer are those of :class:`~lit_methods.ImageClassifier`. Give the trainer
-    ``max_steps = epochs * b`` (see :meth:`~datamodules.hard_batches.HardBatchDataModule.budget_steps`) and
+    ``max_steps = epochs * b`` (see :meth:`~lit_methods.datamodules.hard_batches.HardBatchDataModule.budget_steps`) and
     ``max_epochs: -1``; per-step LR schedules then span the whole budget. Resuming from any checkpoint (end of a
     pass, validation end, every ``n`` steps) continues exactly: the datamodule's checkpoint state holds the
-    selector's losses and the loader's position (see :class:`~datamodules.hard_batches.HardBatchLoader` for how
+    selector's losses and the loader's position (see :class:`~lit_methods.datamodules.hard_batches.HardBatchLoader` for how
     Lightning re-enters the saved epoch; the first epoch after a resume starts without ``on_train_epoch_start``, as
     Lightning restarts it).
 
@@ -36,7 +36,7 @@ class HardBatchClassifier(ImageClassifier):
         if len(batch) != 3:
             raise ValueError(
                 f"HardBatchClassifier expects (images, labels, batch_id) training batches, got {len(batch)} items: "
-                "train it on datamodules.hard_batches.HardBatchDataModule"
+                "train it on lit_methods.datamodules.hard_batches.HardBatchDataModule"
             )
         loss = super().training_step(batch, batch_idx)
         datamodule = self.trainer.datamodule

@@ -64,7 +64,7 @@ class MacroStd(Metric):
 
 class SubgroupClassifier(ImageClassifier):
     """:class:`~lit_methods.ImageClassifier` that also reports subgroup discrepancy on test batches
-    ``(images, labels, subgroups)`` (e.g. from :class:`datamodules.CIFAR10BDataModule`): ``test/macro_std`` and
+    ``(images, labels, subgroups)`` (e.g. from :class:`lit_methods.datamodules.CIFAR10BDataModule`): ``test/macro_std`` and
     ``test/worst_subgroup_acc`` (the lowest accuracy over the non-empty (class, subgroup) cells). With
     ``flow_augmentation`` the training images pass through :class:`~lit_methods.supervised.FlowAug` (the paper's
     semantic augmentation) after the datamodule's augmentation.

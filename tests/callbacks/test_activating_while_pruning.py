@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from callbacks.activating_while_pruning import ActivatingWhilePruning, select_surviving_weights
-from datamodules import DigitsDataModule
+from lit_methods.callbacks.activating_while_pruning import ActivatingWhilePruning, select_surviving_weights
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from tests.ddp_helpers import run_distributed
 from tests.helpers import cpu_trainer

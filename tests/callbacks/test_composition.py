@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import ActivatingWhilePruning, ErrorFeedbackDP, GhostBatchNorm
-from datamodules import DigitsDataModule
+from lit_methods.callbacks import ActivatingWhilePruning, ErrorFeedbackDP, GhostBatchNorm
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet
 from tests.helpers import cpu_trainer

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from callbacks.error_feedback_dp import ErrorFeedbackDP
-from datamodules import DigitsDataModule
+from lit_methods.callbacks.error_feedback_dp import ErrorFeedbackDP
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet
 from tests.ddp_helpers import run_distributed

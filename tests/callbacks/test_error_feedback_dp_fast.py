@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.error_feedback_dp import ErrorFeedbackDP
-from callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
-from datamodules import DigitsDataModule
+from lit_methods.callbacks.error_feedback_dp import ErrorFeedbackDP
+from lit_methods.callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet, ResNet20
 from tests.helpers import cpu_trainer

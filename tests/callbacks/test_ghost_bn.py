@@ -15,8 +15,8 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from callbacks.ghost_bn import GhostBatchNorm
-from datamodules import DigitsDataModule
+from lit_methods.callbacks.ghost_bn import GhostBatchNorm
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ConvNet, ResNet20
 from lit_methods.nets.ghost_batchnorm import (
@@ -474,6 +474,6 @@ def test_cifar_configs_follow_the_papers_large_batch_rules():
         (ghost,) = [
             c
             for c in config["trainer"]["callbacks"]
-            if c["class_path"] == "callbacks.ghost_bn.GhostBatchNorm"
+            if c["class_path"] == "lit_methods.callbacks.ghost_bn.GhostBatchNorm"
         ]
         assert ghost["init_args"]["virtual_batch_size"] == 128

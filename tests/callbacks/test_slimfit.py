@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from timm.layers import use_fused_attn
 
-from callbacks.slimfit import InterLayerScheduler, SlimFit, pack_fixed_point, relative_change, unpack_fixed_point
-from datamodules import DigitsDataModule
+from lit_methods.callbacks.slimfit import InterLayerScheduler, SlimFit, pack_fixed_point, relative_change, unpack_fixed_point
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ViT
 from tests.helpers import cpu_trainer

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
-from callbacks.slimfit import DEFAULT_QUANTIZED_LINEARS, SlimFit
-from datamodules import DigitsDataModule
-from datamodules.digits import load_digits_uint8
+from lit_methods.callbacks.slimfit import DEFAULT_QUANTIZED_LINEARS, SlimFit
+from lit_methods.datamodules import DigitsDataModule
+from lit_methods.datamodules.digits import load_digits_uint8
 from lit_methods.nets import ViT
 
 BLOCKS, WIDTH, HEADS, BATCH, TOKENS = 4, 32, 2, 16, 17  # 8x8 digits in 2x2 patches: 16 patches + the class token

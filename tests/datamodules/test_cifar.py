@@ -13,9 +13,9 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-import datamodules.cifar as cifar_module
-from datamodules.base import InMemoryVisionDataModule
-from datamodules.cifar import (
+import lit_methods.datamodules.cifar as cifar_module
+from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.cifar import (
     CIFAR10DataModule,
     CIFAR10LTDataModule,
     CIFAR100DataModule,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from datamodules.base import InMemoryVisionDataModule
-from datamodules.fast import ShardedEpochSampler
+from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.fast import ShardedEpochSampler
 from tests.ddp_helpers import run_distributed
 
 NUM_SAMPLES = 23

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.digits import DigitsDataModule, load_digits_uint8
+from lit_methods.datamodules.digits import DigitsDataModule, load_digits_uint8
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import datamodules.fashion_mnist as fmnist_module
-from datamodules.fashion_mnist import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, FashionMNISTDataModule, read_idx
+import lit_methods.datamodules.fashion_mnist as fmnist_module
+from lit_methods.datamodules.fashion_mnist import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, FashionMNISTDataModule, read_idx
 from tests.datamodules.real_formats import FashionMNISTArrays, write_fashion_mnist, write_idx
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")

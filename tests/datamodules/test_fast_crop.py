@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from datamodules.fast import random_crop
+from lit_methods.datamodules.fast import random_crop
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

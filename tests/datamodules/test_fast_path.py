@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from scipy.stats import chi2_contingency
 
-from datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, cutout, random_crop
-from datamodules.transforms import build_train_transforms
+from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, cutout, random_crop
+from lit_methods.datamodules.transforms import build_train_transforms
 
 SIZE, PAD = 6, 2
 

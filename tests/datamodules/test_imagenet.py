@@ -1,4 +1,4 @@
-"""Tests of :mod:`datamodules.imagenet` on tiny datasets written in the real on-disk layouts (no downloads)."""
+"""Tests of :mod:`lit_methods.datamodules.imagenet` on tiny datasets written in the real on-disk layouts (no downloads)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from torch.nn import functional as F
 from torch.utils.data import Subset
 from torchvision.transforms import v2
 
-import datamodules.imagenet as imagenet_module
-from datamodules.base import split_indices
-from datamodules.imagenet import (
+import lit_methods.datamodules.imagenet as imagenet_module
+from lit_methods.datamodules.base import split_indices
+from lit_methods.datamodules.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DownsampledImageNetDataModule,
@@ -116,7 +116,7 @@ def test_signatures_parse_as_the_cli_reads_them(tmp_path: Path) -> None:
         config = parser.parse_object({"data": data})
         dm = cls(**vars(config.data.init_args))
         assert (dm.num_classes, dm.image_size) == facts
-    bad = {"class_path": "datamodules.imagenet.DownsampledImageNetDataModule", "init_args": {"resolution": 48}}
+    bad = {"class_path": "lit_methods.datamodules.imagenet.DownsampledImageNetDataModule", "init_args": {"resolution": 48}}
     with pytest.raises(Exception, match="resolution"):
         parser.parse_object({"data": bad})
 

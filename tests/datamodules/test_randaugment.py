@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from datamodules import CIFAR10DataModule
-from datamodules.transforms import randaugment
+from lit_methods.datamodules import CIFAR10DataModule
+from lit_methods.datamodules.transforms import randaugment
 
 # the paper's maxima (Cubuk et al. 2020; AutoAugment's scale): M / 10 of each
 PAPER_MAXIMA = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "Brightness": 0.9, "Contrast": 0.9, "Sharpness": 0.9}

@@ -15,8 +15,8 @@ from torch import Tensor
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
-from datamodules.base import InMemoryVisionDataModule
-from datamodules.ssl_views import (
+from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.ssl_views import (
     SSLViewAugment,
     adjust_brightness,
     adjust_contrast,
@@ -26,7 +26,7 @@ from datamodules.ssl_views import (
     rgb_to_grayscale,
     sample_resized_crop_boxes,
 )
-from datamodules.transforms import MultiView, build_ssl_view_transforms
+from lit_methods.datamodules.transforms import MultiView, build_ssl_view_transforms
 from tests.helpers import cpu_trainer
 
 RATIO = (3 / 4, 4 / 3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.knowledge_distillation import BDKD, BDKDLoss
 from lit_methods.nets import ConvNet
 from tests.helpers import cpu_trainer

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from callbacks.adaptive_precision import AdaptivePrecision
-from datamodules import DigitsDataModule
+from lit_methods.callbacks.adaptive_precision import AdaptivePrecision
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from tests.ddp_helpers import run_distributed
 from tests.helpers import cpu_trainer

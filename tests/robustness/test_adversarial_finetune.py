@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from datamodules.digits import DigitsDataModule
+from lit_methods.datamodules.digits import DigitsDataModule
 from lit_methods.base import ImageClassifier
 from lit_methods.nets import ConvNet
 from lit_methods.robustness.adversarial_finetune import AdversarialFineTune, SlowStartFastDecay
@@ -36,7 +36,7 @@ def _backbone(norm: str = "batchnorm", seed: int = 0) -> ConvNet:
 
 
 def _digit_pixels(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    from datamodules.digits import load_digits_uint8
+    from lit_methods.datamodules.digits import load_digits_uint8
 
     images, labels = load_digits_uint8()
     return images[:count].float() / 255.0, labels[:count]

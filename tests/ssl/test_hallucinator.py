@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.losses import NTXentLoss
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.hallucinator import Hallucinator

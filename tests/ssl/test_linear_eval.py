@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.cli import LitMethodsCLI
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.linear_eval import LinearEvaluation
@@ -49,7 +49,7 @@ def test_linear_evaluation_through_the_cli_keeps_the_ssl_backbone_and_trains_the
                 "knn_k": 20,
             },
         },
-        "data": {"class_path": "datamodules.DigitsDataModule", "init_args": {"batch_size": 64, "num_workers": 0}},
+        "data": {"class_path": "lit_methods.datamodules.DigitsDataModule", "init_args": {"batch_size": 64, "num_workers": 0}},
         "trainer": {
             "max_epochs": 3,
             "accelerator": "cpu",

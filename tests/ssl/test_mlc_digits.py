@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
-from datamodules.digits import DigitsDataModule, load_digits_uint8
-from datamodules.fast import BatchAugment
+from lit_methods.datamodules.digits import DigitsDataModule, load_digits_uint8
+from lit_methods.datamodules.fast import BatchAugment
 from lit_methods.losses.mcr2 import coding_rate, membership_coding_rate, sinkhorn_membership
 from lit_methods.nets.base import Backbone
 from lit_methods.ssl.base import SSLMethod

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.ssl import MoCoV2, cosine_momentum
 from tests.ddp_helpers import run_distributed

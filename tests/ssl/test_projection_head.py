@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.losses import NTXentLoss
 from lit_methods.losses.spectral_contrastive import SpectralContrastiveLoss
 from lit_methods.nets import ConvNet

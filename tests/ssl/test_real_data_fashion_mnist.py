@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from datamodules.fashion_mnist import FashionMNISTDataModule
+from lit_methods.datamodules.fashion_mnist import FashionMNISTDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from lit_methods.ssl.projection_head import ProjectionHeadStudy

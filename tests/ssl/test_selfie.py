@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.fashion_mnist import FashionMNISTDataModule
+from lit_methods.datamodules.fashion_mnist import FashionMNISTDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.selfie import Selfie, SelfieFineTuner, load_patch_network
 from tests.helpers import cpu_trainer

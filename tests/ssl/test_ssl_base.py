@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from timm.optim import Lars
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.losses import BarlowTwinsLoss, NTXentLoss
 from lit_methods.nets import ConvNet
 from lit_methods.ssl import BarlowTwins, SimCLR

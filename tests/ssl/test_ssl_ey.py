@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules import DigitsDataModule
+from lit_methods.datamodules import DigitsDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.ssl_ey import SSLEY
 from tests.helpers import cpu_trainer, frozen_knn_accuracy

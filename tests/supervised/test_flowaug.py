@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("normflows")
 
-from datamodules import DigitsDataModule  # noqa: E402
+from lit_methods.datamodules import DigitsDataModule  # noqa: E402
 from lit_methods.cli import LitMethodsCLI  # noqa: E402
 from lit_methods.nets import ConvNet  # noqa: E402
 from lit_methods.supervised.flowaug import FlowAug, FlowPretraining, build_glow  # noqa: E402

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from datamodules.digits import DigitsDataModule
-from datamodules.hard_batches import FixedBatches, HardBatchDataModule, HardBatchLoader, HardBatchSelector
+from lit_methods.datamodules.digits import DigitsDataModule
+from lit_methods.datamodules.hard_batches import FixedBatches, HardBatchDataModule, HardBatchLoader, HardBatchSelector
 from lit_methods.nets import ConvNet
 from lit_methods.supervised.hard_batches import HardBatchClassifier
 from tests.ddp_helpers import run_distributed

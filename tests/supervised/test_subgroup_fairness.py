@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import CIFAR10BDataModule
+from lit_methods.datamodules import CIFAR10BDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.supervised import MacroStd, SubgroupClassifier
 from tests.datamodules.real_formats import write_cifar10
