@@ -1,11 +1,13 @@
 """LightningDataModules of lit-methods: CIFAR, ImageNet and their variants, Fashion-MNIST and digits."""
 
+from lit_methods.datamodules.batch import Batch, as_batch
 from lit_methods.datamodules.base import InMemoryVisionDataModule, VisionDataModule
 from lit_methods.datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule, CIFAR100LTDataModule
 from lit_methods.datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
 from lit_methods.datamodules.digits import DigitsDataModule
 from lit_methods.datamodules.fashion_mnist import FashionMNISTDataModule
 from lit_methods.datamodules.hard_batches import HardBatchDataModule
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.datamodules.imagenet import (
     DownsampledImageNetDataModule,
     ImageNet100DataModule,
@@ -14,6 +16,9 @@ from lit_methods.datamodules.imagenet import (
 )
 
 __all__ = [
+    "Batch",
+    "Normalize",
+    "as_batch",
     "CIFAR100BDataModule",
     "CIFAR100DataModule",
     "CIFAR100LTDataModule",

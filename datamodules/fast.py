@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from lit_methods.datamodules.normalization import checked_normalization
+
 __all__ = ["BatchAugment", "InMemoryBatchLoader", "ShardedEpochSampler"]
 
 
@@ -213,15 +215,6 @@ class BatchAugment:
             cy, cx = params["cy"].to(device, non_blocking=True), params["cx"].to(device, non_blocking=True)
             out = cutout(out, cy, cx, self.cutout_size)
         return out
-
-
-def checked_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` as float tuples, after checking they have as many channels and every std is positive."""
-    if len(mean) != len(std):
-        raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std must be positive, got {tuple(std)}")
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def random_crop(images: Tensor, dy: Tensor, dx: Tensor, padding: int) -> Tensor:

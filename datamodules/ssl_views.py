@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lit_methods.datamodules.fast import checked_normalization
+from lit_methods.datamodules.normalization import checked_normalization
 
 __all__ = [
     "GRAYSCALE_WEIGHTS",
