@@ -55,12 +55,17 @@ class WeightedKNNClassifier(Metric):
         test_features: Tensor | None = None,
         test_targets: Tensor | None = None,
     ) -> None:
-        """Add training features to the bank and/or test features to be classified (detached, normalized)."""
+        """Add training features to the bank and/or test features to be classified (detached, normalized).
+
+        Features are kept in float32 whatever their dtype: under 16-bit mixed precision the backbone gives fp16 or
+        bf16 features, and the votes ``exp(cos / T)`` (up to ``e^10 = 22026`` at T = 0.1, summed over ``k``
+        neighbours) would overflow fp16 and tie classes at inf.
+        """
         if bank_features is not None and bank_targets is not None:
-            self.bank_features.append(F.normalize(bank_features.detach(), dim=1))
+            self.bank_features.append(F.normalize(bank_features.detach().float(), dim=1))
             self.bank_targets.append(bank_targets.detach())
         if test_features is not None and test_targets is not None:
-            self.test_features.append(F.normalize(test_features.detach(), dim=1))
+            self.test_features.append(F.normalize(test_features.detach().float(), dim=1))
             self.test_targets.append(test_targets.detach())
 
     def predict(self, bank: Tensor, bank_targets: Tensor, queries: Tensor) -> Tensor:

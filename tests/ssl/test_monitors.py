@@ -95,3 +95,25 @@ def test_linear_probe_trains_on_detached_features_only():
 def test_bad_arguments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WeightedKNNClassifier(**(dict(num_classes=4) | kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_features_vote_in_float32(dtype):
+    """Mixed-precision backbones give fp16/bf16 features. Features that share a strong common direction (cosines
+    near 1, as a briefly trained backbone gives) make every neighbour's vote exp(cos / 0.1) about 1e4, so summed
+    per class they overflow fp16 (max 65504) when kept in the features' dtype and the classes tie at inf: the
+    accuracy falls to chance (checked: 0.25 in fp16 with the votes in the features' dtype). It must equal fp32's."""
+    g = torch.Generator().manual_seed(0)
+    common, centres = torch.randn(16, generator=g), torch.randn(4, 16, generator=g)
+    bank_targets = torch.arange(4).repeat_interleave(100)
+    targets = torch.arange(4).repeat_interleave(20)
+    bank = 4.0 * common + centres[bank_targets] + 0.5 * torch.randn(400, 16, generator=g)
+    queries = 4.0 * common + centres[targets] + 0.5 * torch.randn(80, 16, generator=g)
+    accuracies = []
+    for features_dtype in (torch.float32, dtype):
+        knn = WeightedKNNClassifier(num_classes=4, k=200, temperature=0.1)
+        knn.update(bank_features=bank.to(features_dtype), bank_targets=bank_targets)
+        knn.update(test_features=queries.to(features_dtype), test_targets=targets)
+        accuracies.append(knn.compute().item())
+    assert accuracies[0] > 0.9
+    assert accuracies[1] == pytest.approx(accuracies[0], abs=0.02)  # the features themselves were rounded to 16 bits
