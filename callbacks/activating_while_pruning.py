@@ -35,8 +35,9 @@ class ActivatingWhilePruning(Callback):
     ``prune_rate`` of the surviving conv/linear weights (:func:`lit_methods.pruning.select_surviving_weights`;
     ``ap_rate`` of them by AP), rewinds *all* parameters to their values at the start of fit (lottery-ticket
     rewinding; biases and norm parameters included, BN running statistics kept), and clears the optimizer state
-    (momentum), as the official code builds a fresh SGD per cycle. ``ap_rate=0`` is the same pruner without AP: the baseline. Every conv/linear
-    weight is prunable, the classifier's included (as in the official code), unless named in ``exclude``.
+    (momentum), as the official code builds a fresh SGD per cycle. ``ap_rate=0`` is the same pruner without AP: the
+    baseline. Every conv/linear weight is prunable, the classifier's included (as in the official code), unless
+    named in ``exclude``.
 
     Masked weights stay exactly zero: their gradients are zeroed before every optimizer step and the weights are
     re-masked after every batch. The learning-rate schedule belongs to the module and is *not* restarted per cycle.

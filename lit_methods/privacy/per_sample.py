@@ -1,9 +1,9 @@
 """Per-sample gradients for DP training: norms and clipped sums from one ordinary backward ("book-keeping"), and
 the ``torch.func`` per-sample gradients of any model (:func:`vmap_per_sample_gradients`).
 
-Book-keeping follows Bu, Mao, Xu, Karypis, "Differentially Private Optimization on Large Model at Small Cost" (book-keeping, hybrid
-ghost norm), https://arxiv.org/abs/2210.00038; Li, Tramer, Liang, Hashimoto, "Large Language Models Can Be Strong
-Differentially Private Learners" (ghost clipping), https://arxiv.org/abs/2110.05679.
+Book-keeping follows Bu, Mao, Xu, Karypis, "Differentially Private Optimization on Large Model at Small Cost"
+(book-keeping, hybrid ghost norm), https://arxiv.org/abs/2210.00038; Li, Tramer, Liang, Hashimoto, "Large Language
+Models Can Be Strong Differentially Private Learners" (ghost clipping), https://arxiv.org/abs/2110.05679.
 
 Forward hooks keep each supported layer's input ``a``; a tensor hook on its output keeps the gradient ``g`` of the
 loss with respect to that output, during the one ordinary backward. A Linear or Conv2d weight's per-sample gradient
