@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "MAX_BUDGET_STEPS",
+    "AccountantHistory",
     "calibrate_noise_multiplier",
     "rdp_epsilon",
     "rdp_of_one_step",
@@ -25,7 +26,7 @@ __all__ = [
 
 MAX_BUDGET_STEPS = 2**40  # the search of steps_within_budget stops here (a budget no training run would exhaust)
 
-AccountantHistory = Sequence[tuple[float, float, int]]
+AccountantHistory = Sequence[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps) entries
 
 
 def require_opacus(user: str) -> None:

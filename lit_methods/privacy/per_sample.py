@@ -330,6 +330,8 @@ def vmap_per_sample_gradients(
     are); randomness (dropout) is drawn independently per sample. ``chunk_size`` samples are vectorized at once
     (bounding the memory of the per-sample gradients); all at once when ``None``. Any layer type is supported.
     """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def sample_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:

@@ -115,3 +115,5 @@ def test_vmap_per_sample_gradients_equal_one_backward_per_sample_and_skip_frozen
             torch.testing.assert_close(value[i], gradient, rtol=1e-10, atol=1e-14, msg=name)
     norms = torch.cat([g.flatten(1) for g in per_sample.values()], dim=1).norm(dim=1)
     assert norms.std() > 0.01 * norms.mean(), "the samples' gradients must differ for the check to mean something"
+    with pytest.raises(ValueError, match="chunk_size must be None or >= 1, got 0"):
+        vmap_per_sample_gradients(net, F.cross_entropy, images, targets, chunk_size=0)
