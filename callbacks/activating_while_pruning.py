@@ -9,7 +9,6 @@ that moved least during the cycle; removing negative inputs raises pre-activatio
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -19,42 +18,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lit_methods.callbacks.dead_neurons import DeadNeuronRate, observe_relu_outputs
+from lit_methods.pruning import DeadNeuronRate, masked_share, observe_relu_outputs, select_surviving_weights
 
-__all__ = ["ActivatingWhilePruning", "select_surviving_weights"]
+__all__ = ["ActivatingWhilePruning"]
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def _smallest(eligible: Tensor, scores: Tensor, count: int) -> Tensor:
-    """Indices of the ``count`` smallest ``scores`` among ``eligible`` entries (ties: lowest index first)."""
-    return torch.argsort(scores.masked_fill(~eligible, math.inf), stable=True)[:count]
-
-
-@torch.no_grad()
-def select_surviving_weights(
-    weights: Tensor, cycle_start: Tensor, alive: Tensor, prune_rate: float, ap_rate: float
-) -> tuple[Tensor, dict[str, int]]:
-    """One pruning step of IMP + AP on flat vectors; returns the new alive mask and the removal counts.
-
-    With ``n = alive.sum()``: ``round(prune_rate * n)`` weights are removed in all. First the base pruner removes
-    ``round(prune_rate * n) - round(ap_rate * n)`` alive weights of smallest ``|w|``; then AP removes
-    ``round(ap_rate * n)`` of the still-alive weights with ``w < 0``, those of smallest movement
-    ``|w - cycle_start|`` (the official code's order and counts). If fewer negative weights are alive, the shortfall
-    is removed by magnitude so that the schedule holds. Ties are broken by position, deterministically.
-    """
-    alive = alive.clone()
-    n_alive = int(alive.sum())
-    n_total = round(prune_rate * n_alive)
-    n_ap = round(ap_rate * n_alive)
-    magnitude = weights.abs()
-    alive[_smallest(alive, magnitude, n_total - n_ap)] = False
-    negative = alive & (weights < 0)
-    n_ap_removed = min(n_ap, int(negative.sum()))
-    alive[_smallest(negative, (weights - cycle_start).abs(), n_ap_removed)] = False
-    alive[_smallest(alive, magnitude, n_ap - n_ap_removed)] = False
-    counts = {"magnitude": n_total - n_ap, "ap": n_ap_removed, "shortfall": n_ap - n_ap_removed}
-    return alive, counts
 
 
 class ActivatingWhilePruning(Callback):
@@ -64,18 +32,20 @@ class ActivatingWhilePruning(Callback):
 
     Schedule: a cycle is ``epochs_per_cycle`` training epochs. At the start of every later cycle (before its first
     batch, so a checkpoint written at the end of a cycle resumes into the pruning step) the callback removes
-    ``prune_rate`` of the surviving conv/linear weights (:func:`select_surviving_weights`; ``ap_rate`` of them by AP),
-    rewinds *all* parameters to their values at the start of fit (lottery-ticket rewinding; biases and norm
-    parameters included, BN running statistics kept), and clears the optimizer state (momentum), as the official
-    code builds a fresh SGD per cycle. ``ap_rate=0`` is the same pruner without AP: the baseline. Every conv/linear
-    weight is prunable, the classifier's included (as in the official code), unless named in ``exclude``.
+    ``prune_rate`` of the surviving conv/linear weights (:func:`lit_methods.pruning.select_surviving_weights`;
+    ``ap_rate`` of them by AP), rewinds *all* parameters to their values at the start of fit (lottery-ticket
+    rewinding; biases and norm parameters included, BN running statistics kept), and clears the optimizer state
+    (momentum), as the official code builds a fresh SGD per cycle. ``ap_rate=0`` is the same pruner without AP: the
+    baseline. Every conv/linear weight is prunable, the classifier's included (as in the official code), unless
+    named in ``exclude``.
 
     Masked weights stay exactly zero: their gradients are zeroed before every optimizer step and the weights are
     re-masked after every batch. The learning-rate schedule belongs to the module and is *not* restarted per cycle.
 
     Logged each epoch: ``ap/sparsity`` (pruned share of prunable weights) and, with ``track_dead_neurons``, the
     dynamic dead neuron rate of the ``nn.ReLU`` modules over the epoch's training batches
-    (:mod:`lit_methods.callbacks.dead_neurons`): ``ap/dead_neuron_rate`` (pooled) and ``ap/dead_neuron_rate_layer_mean``.
+    (:class:`lit_methods.pruning.DeadNeuronRate`): ``ap/dead_neuron_rate`` (pooled) and
+    ``ap/dead_neuron_rate_layer_mean``.
 
     Requires of the module: conv/linear layers (``nn.Conv*d``/``nn.Linear``) and, for the DNR, ``nn.ReLU`` modules
     (functional ``F.relu`` is not observed). Under DDP the masks are computed on every rank and rank 0's are broadcast.
@@ -216,8 +186,7 @@ class ActivatingWhilePruning(Callback):
 
     def sparsity(self) -> float:
         """Share of the prunable weights that are masked."""
-        total = sum(m.numel() for m in self.masks.values())
-        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total
+        return masked_share(self.masks.values())
 
     # -- the pruning step -------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

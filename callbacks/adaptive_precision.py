@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lit_methods.quantization.adapt import PUSH_UP_STRATEGIES, AdaptivePrecisionController, PushUpStrategy
-from lit_methods.quantization.fixed_point import FixedPointQuantization, fixed_point_quantize, straight_through
+from lit_methods.quantization.codecs import FixedPointQuantization, fixed_point_quantize, straight_through
 
 __all__ = ["AdaptivePrecision"]
 

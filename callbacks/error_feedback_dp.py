@@ -7,76 +7,33 @@ clipping (DPSGD-GC): Abadi et al., "Deep Learning with Differential Privacy", ht
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
-from lit_methods.callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
+from lit_methods.privacy import (
+    BookKeeping,
+    calibrate_noise_multiplier,
+    clip_factors,
+    rdp_epsilon,
+    require_opacus,
+    steps_within_budget,
+    unsupported_trainable_layers,
+    vmap_per_sample_gradients,
+)
 
 __all__ = ["ErrorFeedbackDP"]
 
-_NORM_EPS = 1e-6  # added to every norm before dividing (as opacus' clipping and the official DiceSGD code do)
-_MAX_BUDGET_STEPS = 2**40
 _PER_SAMPLE_METHODS = ("auto", "book_keeping", "vmap")
-
-
-def _check_opacus() -> None:
-    try:
-        import opacus  # noqa: F401
-    except ImportError as error:  # opacus is an optional dependency (extra "privacy")
-        raise ImportError("ErrorFeedbackDP needs opacus: pip install 'lit-methods[privacy]'") from error
-
-
-@functools.lru_cache(maxsize=64)
-def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """Opacus' RDP of one sub-sampled Gaussian step at the RDP accountant's default orders (cached: it is slow)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    return np.asarray(
-        compute_rdp(
-            q=sample_rate,
-            noise_multiplier=noise_multiplier,
-            steps=1,
-            orders=RDPAccountant.DEFAULT_ALPHAS,
-        )
-    )
-
-
-def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of opacus' ``RDPAccountant`` with this ``(noise_multiplier, sample_rate, steps)`` history.
-
-    The RDP of ``steps`` identical steps is ``steps`` times that of one (what ``compute_rdp`` computes), so the
-    accountant's value is reproduced exactly from a cached per-step RDP.
-    """
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    if not history:
-        return 0.0
-    rdp = sum(steps * _rdp_of_one_step(sigma, q) for sigma, q, steps in history)
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid, just loose
-        warnings.simplefilter("ignore", UserWarning)
-        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(epsilon)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _clip_factor(norms: Tensor, clip_norm: float) -> Tensor:
-    """``min(1, C / (||g|| + 1e-6))``: the factor that clips ``g`` to norm ``C`` (opacus' formula)."""
-    return (clip_norm / (norms + _NORM_EPS)).clamp(max=1.0)
 
 
 class ErrorFeedbackDP(Callback):
@@ -103,7 +60,7 @@ class ErrorFeedbackDP(Callback):
 
     - ``"book_keeping"`` (Bu et al., "Differentially Private Optimization on Large Model at Small Cost",
       https://arxiv.org/abs/2210.00038, with ghost norms of Li et al., https://arxiv.org/abs/2110.05679): Lightning's
-      ordinary backward is the only backward. Hooks (:class:`lit_methods.callbacks.per_sample_clipping.BookKeeping`) record each
+      ordinary backward is the only backward. Hooks (:class:`lit_methods.privacy.BookKeeping`) record each
       layer's input and output gradient; per-sample norms are computed from them (ghost norms where cheaper), and
       the clipped sum is one matmul or weighted sum per layer. In one process the backward skips the batch
       gradients of the parameters (they would be discarded) and the raw mean that DiceSGD's buffer needs comes
@@ -217,7 +174,7 @@ class ErrorFeedbackDP(Callback):
         self.seed = seed
         self.chunk_size = chunk_size
         self.per_sample_method = per_sample_method
-        _check_opacus()  # fail at construction when opacus is missing
+        require_opacus("ErrorFeedbackDP")  # fail at construction when opacus is missing
         # state (checkpointed)
         self.sample_rate: float | None = None
         self.steps = 0
@@ -279,7 +236,7 @@ class ErrorFeedbackDP(Callback):
 
         Called at setup when book-keeping is chosen (``parameter_gradients`` only under DDP, whose reducer needs
         them); call it by hand to use the callback outside a Trainer. ``parameter_gradients=False`` spares the
-        backward the batch gradients of the parameters (see :class:`~lit_methods.callbacks.per_sample_clipping.BookKeeping`).
+        backward the batch gradients of the parameters (see :class:`~lit_methods.privacy.BookKeeping`).
         """
         self.detach_book_keeping()
         self._book_keeping = BookKeeping(pl_module, parameter_gradients=parameter_gradients)
@@ -329,44 +286,19 @@ class ErrorFeedbackDP(Callback):
         return max(1, int(math.log(epochs)))  # the official DiceSGD code's heuristic, floored at 1
 
     def _calibrate(self, trainer: L.Trainer) -> float:
-        from opacus.accountants.utils import get_noise_multiplier
-
         steps = self._planned_steps(trainer) * self.accountant_steps_per_step
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=self.target_epsilon,
-                    target_delta=self.delta,
-                    sample_rate=self.sample_rate,
-                    steps=steps,
-                    accountant="rdp",
-                )
-            )
-
-    def _history_after(self, steps: int) -> list[tuple[float, float, int]]:
-        entry = (
-            self.noise_multiplier,
-            self.sample_rate,
-            steps * self.accountant_steps_per_step,
-        )
-        return self.history + [entry] if steps > 0 else list(self.history)
+        return calibrate_noise_multiplier(self.target_epsilon, self.delta, self.sample_rate, steps)
 
     def _count_steps_allowed(self) -> int:
         """How many more optimizer steps keep epsilon within ``target_epsilon``."""
-
-        def within(steps: int) -> bool:
-            return _epsilon(self._history_after(steps), self.delta) <= self.target_epsilon
-
-        if not within(1):
-            return 0
-        low, high = 1, 2
-        while within(high) and high < _MAX_BUDGET_STEPS:
-            low, high = high, high * 2
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if within(middle) else (low, middle)
-        return low
+        return steps_within_budget(
+            self.history,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.accountant_steps_per_step,
+            self.delta,
+            self.target_epsilon,
+        )
 
     # -- the step ---------------------------------------------------------------------------------------------
     def on_train_batch_start(
@@ -419,20 +351,9 @@ class ErrorFeedbackDP(Callback):
             self.history.append(entry)
 
     def per_sample_gradients(self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """Per-sample gradients ``{name: (n, *param.shape)}`` of the trainable parameters (torch.func)."""
-        params = {name: p.detach() for name, p in pl_module.named_parameters() if p.requires_grad}
-
-        def sample_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-            outputs = functional_call(pl_module, params, (x.unsqueeze(0),), strict=False)
-            return pl_module.compute_loss(outputs, y.unsqueeze(0))
-
-        per_sample = vmap(
-            grad(sample_loss),
-            in_dims=(None, 0, 0),
-            randomness="different",
-            chunk_size=self.chunk_size,
-        )
-        return per_sample(params, inputs, targets)
+        """Per-sample gradients ``{name: (n, *param.shape)}`` of the trainable parameters
+        (:func:`lit_methods.privacy.vmap_per_sample_gradients` of ``compute_loss``, in chunks of ``chunk_size``)."""
+        return vmap_per_sample_gradients(pl_module, pl_module.compute_loss, inputs, targets, self.chunk_size)
 
     def privatized_gradients(self, pl_module: L.LightningModule, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """The privatized update direction ``{name: tensor}`` of one step on this rank's batch (vmap method).
@@ -444,7 +365,7 @@ class ErrorFeedbackDP(Callback):
         names = list(per_sample)
         flat = torch.cat([per_sample[n].flatten(1) for n in names], dim=1)  # (n, num_params)
         del per_sample
-        factor = _clip_factor(flat.norm(dim=1), self.clip_norm)
+        factor = clip_factors(flat.norm(dim=1), self.clip_norm)
         count = torch.tensor([float(len(flat))], device=flat.device)
         parts = [factor @ flat] + ([flat.sum(0)] if self.error_feedback else []) + [count]
         sums = torch.cat(parts)
@@ -467,7 +388,7 @@ class ErrorFeedbackDP(Callback):
         self._book_keeping.clear()
         names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
         norms = torch.stack([terms[n].squared_norms for n in names]).sum(0).sqrt()
-        weights = [_clip_factor(norms, self.clip_norm)]
+        weights = [clip_factors(norms, self.clip_norm)]
         raw_from_terms = self.error_feedback and not self._book_keeping.parameter_gradients
         if raw_from_terms:  # no ordinary gradient was computed: the raw sum comes from the same per-sample terms
             weights.append(torch.ones_like(norms))
@@ -520,7 +441,7 @@ class ErrorFeedbackDP(Callback):
         noise_stds = [self.noise_multiplier * self.clip_norm / batch_size]
         if self.error_feedback:
             error = self._flat_error(pl_module, names, clipped_mean)
-            fed_back = error * _clip_factor(error.norm(), self.feedback_clip_norm)
+            fed_back = error * clip_factors(error.norm(), self.feedback_clip_norm)
             direction = direction + fed_back
             if self.steps > 0:  # e_0 = 0 releases nothing: the second noise term starts at step 1 (official code)
                 noise_stds.append(self.noise_multiplier * self.feedback_clip_norm / batch_size)
@@ -546,13 +467,13 @@ class ErrorFeedbackDP(Callback):
     @property
     def epsilon(self) -> float:
         """The epsilon spent so far (the budgeted accounting; see the class doc)."""
-        return _epsilon(self.history, self.delta)
+        return rdp_epsilon(self.history, self.delta)
 
     @property
     def epsilon_dpsgd(self) -> float:
         """The DPSGD-GC bound of the steps taken (each counted once)."""
         history = [(sigma, q, steps // self.accountant_steps_per_step) for sigma, q, steps in self.history]
-        return _epsilon(history, self.delta)
+        return rdp_epsilon(history, self.delta)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the same value on every rank: sync_dist only silences Lightning's warning

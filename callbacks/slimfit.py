@@ -17,7 +17,8 @@ included.
 Memory: a frozen linear layer's input is no longer saved for its weight gradient (autograd saves only what the
 needed gradients use), and what must still be saved is compressed through ``torch.autograd.graph.saved_tensors_hooks``
 (instead of the official custom autograd functions), with forward hooks on the modules telling the hooks which module
-is saving (the innermost running one):
+is saving (the innermost running one). The codecs are :mod:`lit_methods.quantization.codecs`'
+``FixedPointActivation`` and ``PrunedLayerNormInput``:
 
 - ``quantize_gelu``: GELU inputs as ``gelu_bits``-bit fixed point with ``gelu_fraction_bits`` fractional bits
   (official: 4 bits, 1 fractional, so values are clamped to [-4, 3.5]), packed ``8 // gelu_bits`` to a byte.
@@ -64,19 +65,12 @@ from lightning.pytorch.callbacks import Callback
 from timm.layers import Attention
 from torch import Tensor, nn
 
-__all__ = [
-    "FixedPointActivation",
-    "InterLayerScheduler",
-    "PrunedLayerNormInput",
-    "SlimFit",
-    "pack_fixed_point",
-    "relative_change",
-    "unpack_fixed_point",
-]
+from lit_methods.quantization.codecs import PACKABLE_BITS, FixedPointActivation, PrunedLayerNormInput
+
+__all__ = ["InterLayerScheduler", "SlimFit", "relative_change"]
 
 DEFAULT_EXCLUDED = (r"(^|\.)fc\.", r"(^|\.)head\.", r"cls_token", r"pos_embed", r"patch_embed")
 DEFAULT_QUANTIZED_LINEARS = (r"(^|\.)mlp\.fc2$",)
-PACKABLE_BITS = (2, 4, 8)
 OPERAND_FORMAT = (8, 4)  # bits, fractional bits: 3 integer bits + 4 fractional bits + sign (official)
 PROBABILITY_FORMAT = (8, 8, False)  # unsigned, 8 fractional bits: [0, 255/256] (official)
 _INITIAL_SCORE = 1e6
@@ -123,99 +117,6 @@ class InterLayerScheduler:
         if state["scores"].shape != self.scores.shape:
             raise ValueError(f"saved scores cover {state['scores'].numel()} tensors, not {self.scores.numel()}")
         self.scores = state["scores"].clone()
-
-
-def pack_fixed_point(values: Tensor, bits: int, fraction_bits: int, signed: bool = True) -> Tensor:
-    """Round ``values`` to nearest on the ``bits``-bit grid with ``fraction_bits`` fractional bits (saturating; signed:
-    codes in ``[-2**(bits-1), 2**(bits-1))``, unsigned: in ``[0, 2**bits)``) and pack ``8 // bits`` codes into each byte
-    of a flat ``uint8`` tensor."""
-    levels = 2**bits
-    scaled = torch.round(values.detach().float() * 2.0**fraction_bits)
-    if signed:
-        codes = scaled.clamp(-(levels // 2), levels // 2 - 1) + levels // 2
-    else:
-        codes = scaled.clamp(0, levels - 1)
-    codes = codes.to(torch.uint8).flatten()
-    per_byte = 8 // bits
-    codes = torch.nn.functional.pad(codes, (0, (-codes.numel()) % per_byte)).view(-1, per_byte)
-    packed = torch.zeros(codes.shape[0], dtype=torch.uint8, device=codes.device)
-    for slot in range(per_byte):
-        packed |= codes[:, slot] << (slot * bits)
-    return packed
-
-
-def unpack_fixed_point(
-    packed: Tensor, bits: int, fraction_bits: int, shape: torch.Size, dtype: torch.dtype, signed: bool = True
-) -> Tensor:
-    """Inverse of :func:`pack_fixed_point`: the rounded values of the original ``shape`` and ``dtype``."""
-    per_byte = 8 // bits
-    mask = 2**bits - 1
-    codes = torch.stack([(packed >> (slot * bits)) & mask for slot in range(per_byte)], dim=1).flatten()
-    count = shape.numel()
-    offset = 2 ** (bits - 1) if signed else 0
-    values = (codes[:count].float() - offset) / 2.0**fraction_bits
-    return values.view(shape).to(dtype)
-
-
-@dataclass(frozen=True)
-class FixedPointActivation:
-    """A saved activation stored as packed fixed-point codes (see :func:`pack_fixed_point`)."""
-
-    packed: Tensor
-    bits: int
-    fraction_bits: int
-    signed: bool
-    shape: torch.Size
-    dtype: torch.dtype
-
-    @classmethod
-    def pack(cls, tensor: Tensor, bits: int, fraction_bits: int, signed: bool = True) -> FixedPointActivation:
-        packed = pack_fixed_point(tensor, bits, fraction_bits, signed)
-        return cls(packed, bits, fraction_bits, signed, tensor.shape, tensor.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.nbytes
-
-    def restore(self) -> Tensor:
-        return unpack_fixed_point(self.packed, self.bits, self.fraction_bits, self.shape, self.dtype, self.signed)
-
-
-@dataclass(frozen=True)
-class PrunedLayerNormInput:
-    """The input of a LayerNorm kept as its ``keep_ratio`` largest-magnitude normalised values (over the whole tensor,
-    as the official code's top-k) plus the per-row mean and standard deviation ``sqrt(var + eps)``.
-
-    :meth:`restore` gives ``mean + std * pruned_normalised``, so LayerNorm's backward, which re-normalises its saved
-    input with its own mean and rstd, computes the input gradient from the pruned normalised values.
-    """
-
-    values: Tensor
-    indices: Tensor
-    mean: Tensor
-    std: Tensor
-    shape: torch.Size
-
-    @classmethod
-    def prune(cls, tensor: Tensor, normalized_dims: int, eps: float, keep_ratio: float) -> PrunedLayerNormInput:
-        dims = tuple(range(-normalized_dims, 0))
-        variance, mean = torch.var_mean(tensor, dim=dims, correction=0, keepdim=True)
-        std = torch.sqrt(variance + eps)
-        normalised = ((tensor - mean) / std).flatten()
-        kept = normalised.abs().topk(int(keep_ratio * normalised.numel()), sorted=False).indices
-        index_dtype = torch.int32 if normalised.numel() <= torch.iinfo(torch.int32).max else torch.int64
-        return cls(normalised[kept], kept.to(index_dtype), mean, std, tensor.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.indices.nbytes + self.mean.nbytes + self.std.nbytes
-
-    def pruned_normalised(self) -> Tensor:
-        flat = self.values.new_zeros(self.shape.numel()).scatter_(0, self.indices.long(), self.values)
-        return flat.view(self.shape)
-
-    def restore(self) -> Tensor:
-        return self.mean + self.std * self.pruned_normalised()
 
 
 @dataclass

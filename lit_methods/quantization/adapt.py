@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .fixed_point import MAX_WORD_LENGTH, check_fixed_point_format, fixed_point_quantize
+from .codecs import MAX_WORD_LENGTH, check_fixed_point_format, fixed_point_quantize
 
 __all__ = [
     "PUSH_UP_STRATEGIES",

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lit_methods.callbacks.activating_while_pruning import ActivatingWhilePruning, select_surviving_weights
+from lit_methods.callbacks.activating_while_pruning import ActivatingWhilePruning
 from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from tests.ddp_helpers import run_distributed
@@ -24,43 +24,6 @@ def mlp(hidden: int = 32) -> nn.Sequential:
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
     return cpu_trainer(**({"default_root_dir": tmp_path, "deterministic": True, "limit_val_batches": 0} | kwargs))
-
-
-def naive_selection(weights, start, alive, prune_rate, ap_rate):
-    """Python-list reference of one IMP + AP step (distinct values, so no ties)."""
-    alive = list(alive)
-    n = sum(alive)
-    n_total, n_ap = round(prune_rate * n), round(ap_rate * n)
-    by_magnitude = sorted((abs(w), i) for i, w in enumerate(weights) if alive[i])
-    for _, i in by_magnitude[: n_total - n_ap]:
-        alive[i] = False
-    by_movement = sorted((abs(w - s), i) for i, (w, s) in enumerate(zip(weights, start)) if alive[i] and w < 0)
-    removed_by_ap = [i for _, i in by_movement[:n_ap]]
-    for i in removed_by_ap:
-        alive[i] = False
-    return alive, removed_by_ap
-
-
-@pytest.mark.parametrize("ap_rate", [0.0, 0.05, 0.1])
-def test_selection_matches_a_naive_reference(ap_rate):
-    g = torch.Generator().manual_seed(0)
-    weights = torch.randn(400, generator=g, dtype=torch.float64)
-    start = torch.randn(400, generator=g, dtype=torch.float64)
-    alive = torch.rand(400, generator=g) > 0.3
-    got, counts = select_surviving_weights(weights, start, alive, 0.2, ap_rate)
-    expected, removed_by_ap = naive_selection(weights.tolist(), start.tolist(), alive.tolist(), 0.2, ap_rate)
-    assert got.tolist() == expected
-    assert counts["ap"] == len(removed_by_ap) == round(ap_rate * int(alive.sum()))
-    assert all(weights[i] < 0 for i in removed_by_ap)
-    assert int(alive.sum()) - int(got.sum()) == round(0.2 * int(alive.sum()))
-
-
-def test_selection_prunes_by_magnitude_when_too_few_weights_are_negative():
-    weights = torch.tensor([-0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
-    alive, counts = select_surviving_weights(weights, torch.zeros(10), torch.ones(10, dtype=torch.bool), 0.5, 0.3)
-    # 2 by magnitude (-0.5, 1.0), no negative weight left for AP's 3, so 2.0, 3.0, 4.0 go by magnitude
-    assert counts == {"magnitude": 2, "ap": 0, "shortfall": 3}
-    assert alive.tolist() == [False] * 5 + [True] * 5
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from timm.layers import use_fused_attn
 
-from lit_methods.callbacks.slimfit import InterLayerScheduler, SlimFit, pack_fixed_point, relative_change, unpack_fixed_point
+from lit_methods.callbacks.slimfit import InterLayerScheduler, SlimFit, relative_change
 from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
 from lit_methods.nets import ViT
@@ -112,28 +112,6 @@ def test_frozen_tensors_are_untouched_and_the_schedule_follows_the_recorded_dyna
     assert torch.equal(slimfit.scheduler.scores, torch.tensor(scores, dtype=torch.float64))
     assert sum(slimfit.frozen_steps[0].values()) == 6 * int(0.75 * ELIGIBLE_TENSORS)
     assert all(p.requires_grad for p in slimfit.tensors)  # unfrozen again after fit
-
-
-def test_fixed_point_packing_round_trip():
-    values = torch.tensor([-5.0, -4.0, -0.3, 0.0, 0.26, 0.74, 3.5, 9.0, 1.2])
-    packed = pack_fixed_point(values, 4, 1)
-    assert packed.dtype == torch.uint8 and packed.numel() == 5  # two 4-bit codes a byte
-    restored = unpack_fixed_point(packed, 4, 1, values.shape, values.dtype)
-    assert torch.equal(restored, torch.tensor([-4.0, -4.0, -0.5, 0.0, 0.5, 0.5, 3.5, 3.5, 1.0]))
-    grid = torch.arange(-128, 128, dtype=torch.float32) / 16
-    assert torch.equal(unpack_fixed_point(pack_fixed_point(grid, 8, 4), 8, 4, grid.shape, grid.dtype), grid)
-    two_bit = pack_fixed_point(torch.tensor([-2.0, -1.0, 0.0, 1.0, 5.0]), 2, 0)
-    assert two_bit.numel() == 2
-    assert unpack_fixed_point(two_bit, 2, 0, torch.Size([5]), torch.float32).tolist() == [-2, -1, 0, 1, 1]
-    probabilities = torch.arange(256, dtype=torch.float32) / 256  # unsigned, 8 fractional bits: [0, 255/256]
-    packed = pack_fixed_point(probabilities, 8, 8, signed=False)
-    assert torch.equal(
-        unpack_fixed_point(packed, 8, 8, probabilities.shape, torch.float32, signed=False), probabilities
-    )
-    edges = unpack_fixed_point(
-        pack_fixed_point(torch.tensor([-0.1, 1.0]), 8, 8, False), 8, 8, torch.Size([2]), torch.float32, False
-    )
-    assert edges.tolist() == [0.0, 255 / 256]
 
 
 def _gradients_and_saved_bytes(slimfit: SlimFit, freeze: bool) -> tuple[torch.Tensor, int]:

@@ -18,7 +18,7 @@ from lit_methods.quantization.adapt import (
     push_up_increment,
     quantization_kl,
 )
-from lit_methods.quantization.fixed_point import fixed_point_quantize
+from lit_methods.quantization.codecs import fixed_point_quantize
 
 
 def test_gradient_diversity_is_one_for_identical_and_sqrt_n_for_orthogonal_directions():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_methods.callbacks.dead_neurons import DeadNeuronRate, observe_relu_outputs
+from lit_methods.pruning import DeadNeuronRate, observe_relu_outputs
 from tests.ddp_helpers import init_gloo, run_distributed
 
 

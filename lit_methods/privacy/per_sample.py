@@ -1,8 +1,9 @@
-"""Per-sample gradient norms and clipped gradient sums from one ordinary backward ("book-keeping").
+"""Per-sample gradients for DP training: norms and clipped sums from one ordinary backward ("book-keeping"), and
+the ``torch.func`` per-sample gradients of any model (:func:`vmap_per_sample_gradients`).
 
-Bu, Mao, Xu, Karypis, "Differentially Private Optimization on Large Model at Small Cost" (book-keeping, hybrid
-ghost norm), https://arxiv.org/abs/2210.00038; Li, Tramer, Liang, Hashimoto, "Large Language Models Can Be Strong
-Differentially Private Learners" (ghost clipping), https://arxiv.org/abs/2110.05679.
+Book-keeping follows Bu, Mao, Xu, Karypis, "Differentially Private Optimization on Large Model at Small Cost"
+(book-keeping, hybrid ghost norm), https://arxiv.org/abs/2210.00038; Li, Tramer, Liang, Hashimoto, "Large Language
+Models Can Be Strong Differentially Private Learners" (ghost clipping), https://arxiv.org/abs/2110.05679.
 
 Forward hooks keep each supported layer's input ``a``; a tensor hook on its output keeps the gradient ``g`` of the
 loss with respect to that output, during the one ordinary backward. A Linear or Conv2d weight's per-sample gradient
@@ -34,9 +35,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BookKeeping", "unsupported_trainable_layers"]
+__all__ = [
+    "BookKeeping",
+    "PerSampleTerm",
+    "unsupported_trainable_layers",
+    "vmap_per_sample_gradients",
+]
 
 _NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm)
 
@@ -74,20 +81,21 @@ def unsupported_trainable_layers(model: nn.Module) -> list[str]:
 
 
 @dataclass
-class _Term:
-    """One parameter's per-sample squared gradient norms and how to sum its per-sample gradients with weights."""
+class PerSampleTerm:
+    """One parameter's per-sample squared gradient norms ``(B,)`` and ``weighted_sums``, which maps ``K`` rows of
+    per-sample weights ``(K, B)`` to the ``K`` weighted sums of the per-sample gradients ``(K, *parameter shape)``."""
 
     squared_norms: Tensor  # (B,)
     weighted_sums: Callable[[Tensor], Tensor]  # (K, B) weights -> (K, *parameter shape)
 
-    def scaled(self, factor: float) -> _Term:
+    def scaled(self, factor: float) -> PerSampleTerm:
         """The term of the per-sample gradients multiplied by ``factor``."""
-        return _Term(self.squared_norms * factor**2, lambda weights: self.weighted_sums(weights * factor))
+        return PerSampleTerm(self.squared_norms * factor**2, lambda weights: self.weighted_sums(weights * factor))
 
 
-def _materialized(per_sample: Tensor) -> _Term:
+def _materialized(per_sample: Tensor) -> PerSampleTerm:
     rows = per_sample.flatten(1)
-    return _Term(
+    return PerSampleTerm(
         squared_norms=torch.linalg.vector_norm(rows, dim=1).square(),
         weighted_sums=lambda weights: (weights @ rows).view(len(weights), *per_sample.shape[1:]),
     )
@@ -97,7 +105,7 @@ def _use_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
     return 2 * positions * (d_in + d_out) < d_in * d_out
 
 
-def _ghost_term(rows_in: Tensor, rows_out: Tensor, shape: torch.Size) -> _Term:
+def _ghost_term(rows_in: Tensor, rows_out: Tensor, shape: torch.Size) -> PerSampleTerm:
     """Ghost norm of a weight mapping rows ``(B, T, d_in) -> (B, T, d_out)``, and its weighted sum as one matmul."""
     positions = rows_in.shape[1]
     if positions == 1:
@@ -111,14 +119,14 @@ def _ghost_term(rows_in: Tensor, rows_out: Tensor, shape: torch.Size) -> _Term:
         weighted_out = (rows_out * weights[:, :, None, None]).flatten(1, 2)  # (K, B T, d_out)
         return (weighted_out.transpose(1, 2) @ rows_in.flatten(0, 1)).view(len(weights), *shape)
 
-    return _Term(squared_norms=squared_norms, weighted_sums=weighted_sums)
+    return PerSampleTerm(squared_norms=squared_norms, weighted_sums=weighted_sums)
 
 
 def _layer_terms(
     module: nn.Module, inputs: Tensor, output_grads: Tensor, trainable: dict[str, nn.Parameter]
-) -> dict[str, _Term]:
+) -> dict[str, PerSampleTerm]:
     """Terms of ``module``'s ``trainable`` parameters (local names) from its input and output gradient."""
-    terms: dict[str, _Term] = {}
+    terms: dict[str, PerSampleTerm] = {}
     if isinstance(module, _NORM_LAYERS):
         from opacus.grad_sample import GradSampleModule
 
@@ -262,7 +270,7 @@ class BookKeeping:
         self._handles.clear()
         self.clear()
 
-    def terms(self) -> tuple[int, dict[str, _Term]]:
+    def terms(self) -> tuple[int, dict[str, PerSampleTerm]]:
         """The batch size and each trainable parameter's terms (full names) of the recorded forward/backward."""
         if not self._records:
             raise RuntimeError("book-keeping recorded no training forward/backward (no layer saw a grad-enabled batch)")
@@ -270,7 +278,7 @@ class BookKeeping:
         if len(batch_sizes) != 1:
             raise RuntimeError(f"the recorded layers saw different batch sizes {sorted(batch_sizes)}")
         (batch,) = batch_sizes
-        terms: dict[str, _Term] = {}
+        terms: dict[str, PerSampleTerm] = {}
         for module, name in self._layers.items():
             records = self._records.get(module, [])
             if len(records) > 1:
@@ -284,7 +292,7 @@ class BookKeeping:
                 for local, p in module.named_parameters(recurse=False):
                     if p.requires_grad:
                         zeros = torch.zeros(batch, device=p.device, dtype=p.dtype)
-                        terms[prefix + local] = _Term(
+                        terms[prefix + local] = PerSampleTerm(
                             zeros, lambda weights, p=p: weights.new_zeros(len(weights), *p.shape)
                         )
                 continue
@@ -306,3 +314,34 @@ class _Record:
     inputs: Tensor
     trainable: dict[str, nn.Parameter]
     output_grad: Tensor | None = None
+
+
+def vmap_per_sample_gradients(
+    model: nn.Module,
+    loss: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``{name: (n, *param.shape)}`` of ``model``'s trainable parameters (``torch.func``).
+
+    Sample ``i``'s gradient is that of ``loss(model(inputs[i:i+1]), targets[i:i+1])``, computed by
+    ``vmap(grad(...))`` over one-sample batches with ``functional_call`` on the trainable parameters (buffers as they
+    are); randomness (dropout) is drawn independently per sample. ``chunk_size`` samples are vectorized at once
+    (bounding the memory of the per-sample gradients); all at once when ``None``. Any layer type is supported.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def sample_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        outputs = functional_call(model, params, (x.unsqueeze(0),), strict=False)
+        return loss(outputs, y.unsqueeze(0))
+
+    per_sample = vmap(
+        grad(sample_loss),
+        in_dims=(None, 0, 0),
+        randomness="different",
+        chunk_size=chunk_size,
+    )
+    return per_sample(params, inputs, targets)

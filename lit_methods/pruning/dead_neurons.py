@@ -9,7 +9,8 @@ seen since the last reset (one epoch when logged with ``on_epoch=True``):
 - ``average="global"``: dead pairs / all pairs, pooled over every observed ReLU;
 - ``average="layer"``: the dead fraction of each observed ReLU, then the unweighted mean over ReLUs.
 
-The paper does not say which of the two it averages, so :class:`~lit_methods.callbacks.pruning.ActivatingWhilePruning` logs both.
+The paper does not say which of the two it averages, so :class:`~lit_methods.callbacks.ActivatingWhilePruning` logs
+both.
 """
 
 from __future__ import annotations

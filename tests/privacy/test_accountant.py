@@ -1,0 +1,47 @@
+"""The RDP accountant against opacus' RDPAccountant, noise calibration and the budget search."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from lit_methods.privacy import calibrate_noise_multiplier, rdp_epsilon, require_opacus, steps_within_budget
+
+opacus = pytest.importorskip("opacus")
+
+
+def test_epsilon_of_a_mixed_history_equals_opacus_rdp_accountant():
+    from opacus.accountants import RDPAccountant
+
+    history = [(1.1, 0.01, 30), (0.8, 0.02, 7)]
+    accountant = RDPAccountant()
+    for sigma, q, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    assert rdp_epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert rdp_epsilon([], 1e-5) == 0.0
+
+
+def test_calibrated_noise_spends_the_target_budget():
+    sigma = calibrate_noise_multiplier(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=200)
+    spent = rdp_epsilon([(sigma, 0.05, 200)], 1e-5)
+    assert spent <= 3.0 and spent == pytest.approx(3.0, rel=0.02)
+
+
+@pytest.mark.parametrize("counted", [1, 3])
+def test_steps_within_budget_is_the_largest_count_that_stays_within_it(counted):
+    history = [(1.0, 0.1, 12)]
+    allowed = steps_within_budget(history, 1.2, 0.1, counted, 1e-5, target_epsilon=4.0)
+    assert allowed > 0
+    assert rdp_epsilon([*history, (1.2, 0.1, allowed * counted)], 1e-5) <= 4.0
+    assert rdp_epsilon([*history, (1.2, 0.1, (allowed + 1) * counted)], 1e-5) > 4.0
+    spent = rdp_epsilon(history, 1e-5)
+    assert steps_within_budget(history, 1.2, 0.1, counted, 1e-5, target_epsilon=spent) == 0
+
+
+def test_require_opacus_names_the_user_when_opacus_is_missing(monkeypatch):
+    require_opacus("MyCallback")  # installed: no error
+    monkeypatch.setitem(sys.modules, "opacus", None)  # an import of opacus now raises ImportError
+    with pytest.raises(ImportError, match=r"MyCallback needs opacus: pip install 'lit-methods\[privacy\]'"):
+        require_opacus("MyCallback")
