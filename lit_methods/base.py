@@ -240,6 +240,12 @@ class MethodBase(L.LightningModule):
             raise ValueError(f"warmup_steps as a fraction must lie in [0, 1), got {warmup_steps}")
         if isinstance(warmup_steps, int) and warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        for name, factory in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if factory is not None and not callable(factory):
+                raise ValueError(
+                    f"{name} must be a callable (from the CLI a class_path, e.g. torch.optim.AdamW or "
+                    f"timm.optim.Lars for the optimizer), got {factory!r}"
+                )
         if self.requires_pixel_inputs and inputs_normalized:
             raise ValueError(
                 f"{type(self).__name__} works on [0, 1] pixels and normalizes them itself: build the datamodule with "
