@@ -144,7 +144,9 @@ def load_pretrained_weights(
     targets = tuple(key_map.values())
     expected = {k for k in own if k.startswith(targets) and not (fresh and k.startswith(fresh))}
     missing, unexpected = sorted(expected - renamed.keys()), sorted(renamed.keys() - own.keys())
-    shapes = {k: (tuple(own[k].shape), tuple(v.shape)) for k, v in renamed.items() if k in own and own[k].shape != v.shape}
+    shapes = {
+        k: (tuple(own[k].shape), tuple(v.shape)) for k, v in renamed.items() if k in own and own[k].shape != v.shape
+    }
     problems = []
     if missing:
         problems.append(f"missing {missing}")
@@ -253,7 +255,8 @@ class MethodBase(L.LightningModule):
             )
         if not inputs_normalized and (mean is None or std is None):
             raise ValueError(
-                f"inputs_normalized=False needs the data's mean and std (the CLI fills them), got mean={mean}, std={std}"
+                "inputs_normalized=False needs the data's mean and std (the CLI fills them), "
+                f"got mean={mean}, std={std}"
             )
         self.lr = lr
         self.momentum = momentum
@@ -296,7 +299,9 @@ class MethodBase(L.LightningModule):
         children = dict(self.named_children())
         unknown = sorted(set(options) - set(children))
         if unknown:
-            raise ValueError(f"param_group_options names {unknown}, which are not child modules of {type(self).__name__}")
+            raise ValueError(
+                f"param_group_options names {unknown}, which are not child modules of {type(self).__name__}"
+            )
         own_groups = {id(p) for name in options for p in children[name].parameters()}
         groups = []
         for group in parameter_groups(self, self.weight_decay, self.exclude_norm_and_bias_from_weight_decay):

@@ -34,9 +34,9 @@ class SSLMethod(MethodBase):
     timm.optim.Lars`` with ``lr``, ``momentum``, ``trust_coeff`` and ``trust_clip`` in its ``init_args``). The
     method's parameters train at ``lr`` (or the optimizer's own), the probe at ``probe_lr`` without weight decay, all
     with linear warmup then cosine decay sized from ``trainer.estimated_stepping_batches``; child modules named by
-    :meth:`param_group_options` with ``scheduled: False`` keep their rate throughout (SimSiam's predictor). Biases and normalization
-    parameters get no weight decay and, with LARS, no trust-ratio adaptation (as in BYOL and solo-learn); the probe
-    is never adapted either.
+    :meth:`param_group_options` with ``scheduled: False`` keep their rate throughout (SimSiam's predictor). Biases
+    and normalization parameters get no weight decay and, with LARS, no trust-ratio adaptation (as in BYOL and
+    solo-learn); the probe is never adapted either.
 
     Args:
         backbone: a network with ``forward_features`` and ``num_features`` (every :mod:`lit_methods.nets` backbone);

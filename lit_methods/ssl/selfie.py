@@ -61,7 +61,8 @@ class Selfie(SSLMethod):
     ``j`` the query ``u + pos_j`` scores every masked patch by the dot product ``<u + pos_j, h_k>``; the loss is the
     cross-entropy of choosing the patch that was at ``j`` among the image's masked patches (the distractors come
     from the same image). Masked patches never enter the pooling network; the patch network is trained through both
-    sides. Fine-tuning reuses the patch network's weights on whole images (:class:`lit_methods.supervised.SelfieFineTuner`).
+    sides. Fine-tuning reuses the patch network's weights on whole images
+    (:class:`lit_methods.supervised.SelfieFineTuner`).
 
     Why :class:`SSLMethod`: Selfie reuses its backbone contract, optimizer wiring and online monitors, but it
     consumes single images, so it replaces ``training_step`` (batches ``(images, labels)``, a datamodule with

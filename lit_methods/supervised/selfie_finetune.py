@@ -27,8 +27,8 @@ class SelfieFineTuner(ImageClassifier):
     stage); every :class:`~lit_methods.base.ImageClassifier` argument applies.
 
     Args:
-        pretrained_checkpoint: a :class:`~lit_methods.ssl.Selfie` checkpoint whose patch network has the backbone's layers; ``None``
-            trains from random initialization (the paper's supervised baseline).
+        pretrained_checkpoint: a :class:`~lit_methods.ssl.Selfie` checkpoint whose patch network has the backbone's
+            layers; ``None`` trains from random initialization (the paper's supervised baseline).
         **kwargs: the arguments of :class:`~lit_methods.base.ImageClassifier`.
     """
 

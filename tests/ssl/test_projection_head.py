@@ -15,7 +15,7 @@ from lit_methods.losses import NTXentLoss
 from lit_methods.losses.spectral_contrastive import SpectralContrastiveLoss
 from lit_methods.nets import ConvNet, FixedReweightHead
 from lit_methods.ssl.projection_head import ProjectionHeadStudy, effective_rank, knn_accuracy_by_depth
-from tests.helpers import cpu_trainer, frozen_knn_accuracy
+from tests.helpers import cpu_trainer
 
 
 def _study(head: str, width: int = 8, **kwargs) -> ProjectionHeadStudy:
