@@ -325,10 +325,11 @@ class MethodBase(L.LightningModule):
         their rate."""
         if self.lr_schedule == "constant":
             return None
+        constant_groups = not all(group.get("scheduled", True) for group in optimizer.param_groups)
+        if self.lr_schedule == "onecycle" and constant_groups:
+            raise ValueError("lr_schedule='onecycle' schedules every group; use 'cosine' with constant-rate groups")
         total = int(self.trainer.estimated_stepping_batches)
         if self.lr_schedule == "onecycle":
-            if not all(group.get("scheduled", True) for group in optimizer.param_groups):
-                raise ValueError("lr_schedule='onecycle' schedules every group; use 'cosine' with constant-rate groups")
             peak = [group["lr"] for group in optimizer.param_groups]
             return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total)
         warmup = round(self.warmup_steps * total) if isinstance(self.warmup_steps, float) else self.warmup_steps

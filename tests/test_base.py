@@ -278,6 +278,14 @@ def test_no_decay_groups_and_modules_with_options_of_their_own():
     with pytest.raises(ValueError, match=r"param_group_options names \['head'\].*Misnamed"):
         Misnamed(tiny_net()).optimizer_parameters()
 
+    class ConstantBackbone(ImageClassifier):
+        def param_group_options(self):
+            return {"backbone": {"scheduled": False}}
+
+    model = ConstantBackbone(tiny_net(), lr_schedule="onecycle")
+    with pytest.raises(ValueError, match="onecycle.*constant-rate groups"):
+        model.make_lr_scheduler(model.make_default_optimizer(model.optimizer_parameters()))
+
 
 class _Pair(nn.Module):
     """A backbone and a head, as the state dict of a method names them."""
