@@ -193,3 +193,196 @@ def test_load_from_checkpoint_restores_a_python_built_subclass(tmp_path):
     assert restored.gamma == 1.5 and restored.lr == 0.07
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(restored.eval()(x), model.eval()(x))
+
+
+# -- MethodBase: one optimizer/scheduler injection, parameter groups, key-mapped loading, model-owned normalization --
+CLI_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false"]
+CLI_DIGITS = ["--data=lit_methods.datamodules.DigitsDataModule", "--data.batch_size=32"]
+CLI_CONVNET = ["--model.backbone=lit_methods.nets.ConvNet", "--model.backbone.width=8", "--model.backbone.depth=2"]
+CLI_ADAMW_STEPLR = [
+    "--model.optimizer=torch.optim.AdamW",
+    "--model.optimizer.lr=0.001",
+    "--model.lr_scheduler=torch.optim.lr_scheduler.StepLR",
+    "--model.lr_scheduler.step_size=1",
+    "--model.lr_scheduler.gamma=0.5",
+]
+
+
+def _is_bias_or_norm(model: nn.Module, name: str) -> bool:
+    owner = dict(model.named_modules())[name.rsplit(".", 1)[0]]
+    return name.endswith("bias") or isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+
+
+@pytest.mark.parametrize(
+    "model_args",
+    [
+        ["--model=lit_methods.ImageClassifier", "--model.exclude_norm_and_bias_from_weight_decay=true"],
+        ["--model=lit_methods.ssl.SimCLR", "--model.projection_hidden_dim=16", "--model.projection_dim=8"],
+        ["--model=lit_methods.ssl.LinearEvaluation", "--model.ssl_checkpoint=read_at_setup.ckpt"],
+    ],
+    ids=["ImageClassifier", "SimCLR", "LinearEvaluation"],
+)
+def test_the_same_optimizer_and_scheduler_class_paths_configure_every_method(model_args, in_tmp_dir):
+    from lit_methods.cli import LitMethodsCLI
+
+    cli = LitMethodsCLI(args=[*model_args, *CLI_CONVNET, *CLI_DIGITS, *CLI_CPU, *CLI_ADAMW_STEPLR], run=False)
+    model = cli.model
+    model.trainer = cli.trainer
+    configured = model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.StepLR) and scheduler["interval"] == "step"
+    # every trainable parameter in exactly one group; the frozen ones (LinearEvaluation's backbone) in none
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable) and len(grouped) == len(set(grouped))
+    probe = {id(p) for p in getattr(model, "probe", nn.Identity()).parameters()}
+    for group in optimizer.param_groups:
+        is_probe = {id(p) for p in group["params"]} <= probe
+        assert group["lr"] == (model.probe_lr if probe and is_probe else 0.001)  # the optimizer's lr, the probe's own
+        named = [n for n, p in model.named_parameters() if any(p is q for q in group["params"])]
+        if group["weight_decay"] == 0.0 and model.weight_decay > 0 and not is_probe:
+            assert named and all(_is_bias_or_norm(model, n) for n in named), named  # the no-decay group
+        elif not is_probe:
+            assert not any(_is_bias_or_norm(model, n) for n in named) or model.weight_decay == 0.0, named
+    scheduler["scheduler"].step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0005)
+
+
+def test_no_decay_groups_and_modules_with_options_of_their_own():
+    from lit_methods.ssl import SimSiam
+
+    model = SimSiam(tiny_net(), projection_hidden_dim=8, projection_dim=8, prediction_hidden_dim=4, weight_decay=1e-3)
+    groups = model.optimizer_parameters()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_names = [(sorted(names[id(p)] for p in g["params"]), g) for g in groups]
+    # the rest of the method: weights decayed and LARS-adapted; biases and norm parameters neither
+    rest_decay, rest_no_decay = by_names[0][1], by_names[1][1]
+    assert (rest_decay["weight_decay"], rest_decay["always_adapt"]) == (1e-3, True)
+    assert (rest_no_decay["weight_decay"], rest_no_decay["always_adapt"]) == (0.0, False)
+    assert all(_is_bias_or_norm(model, name) for name in by_names[1][0])
+    assert not any(_is_bias_or_norm(model, name) for name in by_names[0][0])
+    assert all(not n.startswith(("predictor.", "probe.")) for n in by_names[0][0] + by_names[1][0])
+    # the predictor: the same split, at a constant rate
+    predictor = [g for names_, g in by_names if names_[0].startswith("predictor.")]
+    assert [(g["weight_decay"], g["scheduled"]) for g in predictor] == [(1e-3, False), (0.0, False)]
+    # the probe, last: one group at probe_lr, no decay, never adapted
+    probe_names, probe = by_names[-1]
+    assert probe_names == sorted(n for n, _ in model.probe.named_parameters(prefix="probe"))
+    assert (probe["lr"], probe["weight_decay"], probe["always_adapt"]) == (model.probe_lr, 0.0, False)
+
+    class Misnamed(ImageClassifier):
+        def param_group_options(self):
+            return {"head": {"lr": 0.1}}
+
+    with pytest.raises(ValueError, match=r"param_group_options names \['head'\].*Misnamed"):
+        Misnamed(tiny_net()).optimizer_parameters()
+
+    class ConstantBackbone(ImageClassifier):
+        def param_group_options(self):
+            return {"backbone": {"scheduled": False}}
+
+    model = ConstantBackbone(tiny_net(), lr_schedule="onecycle")
+    with pytest.raises(ValueError, match="onecycle.*constant-rate groups"):
+        model.make_lr_scheduler(model.make_default_optimizer(model.optimizer_parameters()))
+
+
+class _Pair(nn.Module):
+    """A backbone and a head, as the state dict of a method names them."""
+
+    def __init__(self, head_name: str, head_out: int = 3) -> None:
+        super().__init__()
+        self.backbone = tiny_net()
+        self.add_module(head_name, nn.Linear(4, head_out))
+
+
+def test_key_mapped_loading_renames_prefixes_from_a_checkpoint_or_a_state_dict(tmp_path):
+    from lit_methods.base import load_pretrained_weights
+
+    torch.manual_seed(0)
+    source = _Pair("projector")
+    source.add_module("probe", nn.Linear(4, 10))  # not under any mapped prefix: not read
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "ssl.ckpt")
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    key_map = {"backbone.": "backbone.", "projector.": "feature_head."}
+    for given in (tmp_path / "ssl.ckpt", str(tmp_path / "plain.pt"), source.state_dict()):
+        torch.manual_seed(1)
+        target = _Pair("feature_head")
+        target.add_module("cluster_head", nn.Linear(4, 3))
+        untouched = target.cluster_head.weight.clone()
+        load_pretrained_weights(target, given, key_map, strict=True)
+        for key, value in source.backbone.state_dict().items():
+            assert torch.equal(target.backbone.state_dict()[key], value), key
+        assert torch.equal(target.feature_head.weight, source.projector.weight)
+        assert torch.equal(target.cluster_head.weight, untouched)
+    # a whole state dict into a submodule, keeping a fresh classifier
+    torch.manual_seed(2)
+    backbone = tiny_net()
+    fresh_fc = backbone.fc.weight.clone()
+    plain = {k: v for k, v in source.backbone.state_dict().items() if not k.startswith("fc.")}
+    load_pretrained_weights(backbone, plain, {"": ""}, fresh_prefixes=("fc.",))
+    assert torch.equal(backbone.features[0].weight, source.backbone.features[0].weight)
+    assert torch.equal(backbone.fc.weight, fresh_fc)
+
+
+def test_key_mapped_loading_names_missing_unexpected_and_misshaped_keys_and_the_file(tmp_path):
+    from lit_methods.base import load_pretrained_weights
+
+    key_map = {"backbone.": "backbone.", "projector.": "feature_head."}
+    state = _Pair("projector").state_dict()
+    path = tmp_path / "ssl.ckpt"
+    torch.save({"state_dict": {k: v for k, v in state.items() if k != "projector.bias"}}, path)
+    with pytest.raises(ValueError, match=r"_Pair does not match the weights in .*ssl.ckpt: missing \['feature_head.bias"):
+        load_pretrained_weights(_Pair("feature_head"), path, key_map)
+    with pytest.warns(UserWarning, match=r"missing \['feature_head.bias'\]"):
+        load_pretrained_weights(_Pair("feature_head"), path, key_map, strict=False)
+    extra = state | {"projector.scale": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"unexpected \['feature_head.scale'\]"):
+        load_pretrained_weights(_Pair("feature_head"), extra, key_map, source_name="extra.pt")
+    wide = _Pair("projector", head_out=5).state_dict()
+    with pytest.raises(ValueError, match=r"shapes.*'feature_head.weight': \(\(3, 4\), \(5, 4\)\)"):
+        load_pretrained_weights(_Pair("feature_head"), wide, key_map, strict=False)
+    with pytest.raises(ValueError, match=r"holds no 'encoder.\*' weights"):
+        load_pretrained_weights(_Pair("feature_head"), path, {"encoder.": "backbone."})
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        load_pretrained_weights(_Pair("feature_head"), tmp_path / "absent.ckpt", key_map)
+    model = ImageClassifier(tiny_net())
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        model.load_pretrained_weights(tmp_path / "absent.ckpt", {"backbone.": "backbone."})
+
+
+DIGITS_MEAN, DIGITS_STD = (0.3,), (0.4,)
+
+
+@pytest.mark.parametrize("method", ["ImageClassifier", "SimCLR"])
+def test_pixel_inputs_normalized_by_the_model_give_the_outputs_of_normalized_inputs(method):
+    from lit_methods.ssl import SimCLR
+
+    def build(**kwargs):
+        torch.manual_seed(0)
+        if method == "ImageClassifier":
+            return ImageClassifier(tiny_net(), **kwargs)
+        return SimCLR(tiny_net(), projection_hidden_dim=16, projection_dim=8, **kwargs)
+
+    default = build(mean=DIGITS_MEAN, std=DIGITS_STD).eval()
+    owning = build(mean=DIGITS_MEAN, std=DIGITS_STD, inputs_normalized=False).eval()
+    assert default.normalize is None
+    assert owning.state_dict().keys() == default.state_dict().keys()  # mean and std are not weights
+    owning.load_state_dict(default.state_dict())
+    pixels = torch.rand(5, 1, 8, 8)
+    normalized = (pixels - 0.3) / 0.4
+    with torch.no_grad():
+        torch.testing.assert_close(owning(pixels), default(normalized))
+        assert not torch.allclose(owning(pixels), default(pixels))
+    with pytest.raises(ValueError, match="inputs_normalized=False needs the data's mean and std.*mean=None"):
+        build(inputs_normalized=False)
+
+
+def test_a_pixel_space_method_refuses_normalized_inputs():
+    class PixelMethod(ImageClassifier):
+        requires_pixel_inputs = True
+
+    with pytest.raises(ValueError, match="PixelMethod works on \\[0, 1\\] pixels.*normalize=False"):
+        PixelMethod(tiny_net())
+    model = PixelMethod(tiny_net(), inputs_normalized=False, mean=DIGITS_MEAN, std=DIGITS_STD)
+    assert isinstance(model.normalize, nn.Module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .adapters import TimmModel, TorchvisionModel
 from .base import Backbone
 from .convnet import ConvNet
+from .heads import FixedReweightHead
 from .ghost_batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_to_ghost_batchnorm
 from .multi_sample_dropout import MultiSampleDropoutHead
 from .registry import NETS, create_net, list_nets, register_net
@@ -32,6 +33,7 @@ __all__ = [
     "Backbone",
     "CifarResNet",
     "ConvNet",
+    "FixedReweightHead",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "HeResNet",

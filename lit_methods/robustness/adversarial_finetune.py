@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_methods.base import ImageClassifier
+from lit_methods.base import ImageClassifier, read_checkpoint
 from lit_methods.robustness.attacks import PixelNormalization, check_attack_arguments, pgd_linf
 
 __all__ = ["AdversarialFineTune", "SlowStartFastDecay"]
@@ -113,6 +113,8 @@ class AdversarialFineTune(ImageClassifier):
         **kwargs: the other arguments of :class:`~lit_methods.ImageClassifier` (``lr`` is the peak).
     """
 
+    lr_schedules = (*ImageClassifier.lr_schedules, "slow_start_fast_decay")
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -161,16 +163,10 @@ class AdversarialFineTune(ImageClassifier):
     # -- pre-trained weights -----------------------------------------------------------------------------------
     def load_pretrained(self, path: str) -> None:
         """Load a backbone ``state_dict`` (plain, or the ``backbone.*`` entries of a Lightning checkpoint)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("state_dict", checkpoint)
-        if any(key.startswith("backbone.") for key in state):
-            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not fit the backbone {type(self.backbone).__name__}: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
+        state = read_checkpoint(path)
+        state = state.get("state_dict", state)
+        key_map = {"backbone.": "backbone."} if any(key.startswith("backbone.") for key in state) else {"": "backbone."}
+        self.load_pretrained_weights(state, key_map, strict=True, source_name=path)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -246,9 +242,9 @@ class AdversarialFineTune(ImageClassifier):
         self.log("test/autoattack_acc", self.test_autoattack_acc, on_step=False, on_epoch=True)
 
     # -- the schedule --------------------------------------------------------------------------------------------
-    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
-        if self.lr_scheduler_factory is not None or self.lr_schedule != "slow_start_fast_decay":
-            return super()._make_scheduler(optimizer)
+    def make_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        if self.lr_schedule != "slow_start_fast_decay":
+            return super().make_lr_scheduler(optimizer)
         total = int(self.trainer.estimated_stepping_batches)
         factor = SlowStartFastDecay(total, self.warmup_fraction, self.decay, self.final_lr_fraction)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

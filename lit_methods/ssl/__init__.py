@@ -8,14 +8,8 @@ from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins
 from lit_methods.ssl.mlc import MLC
 from lit_methods.ssl.moco import MoCoV2, cosine_momentum
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
-from lit_methods.ssl.projection_head import (
-    FixedReweightHead,
-    ProjectionHeadClassifier,
-    ProjectionHeadStudy,
-    effective_rank,
-    knn_accuracy_by_depth,
-)
-from lit_methods.ssl.selfie import AttentionPooling, Selfie, SelfieFineTuner, load_patch_network
+from lit_methods.ssl.projection_head import ProjectionHeadStudy, effective_rank, knn_accuracy_by_depth
+from lit_methods.ssl.selfie import AttentionPooling, Selfie
 from lit_methods.ssl.simclr import SimCLR
 from lit_methods.ssl.simsiam import SimSiam
 from lit_methods.ssl.ssl_ey import SSLEY
@@ -26,17 +20,14 @@ __all__ = [
     "SSLEY",
     "AttentionPooling",
     "BarlowTwins",
-    "FixedReweightHead",
     "Hallucinator",
     "LinearEvaluation",
     "MixedBarlowTwins",
     "MoCoV2",
     "OnlineLinearProbe",
-    "ProjectionHeadClassifier",
     "ProjectionHeadStudy",
     "SSLMethod",
     "Selfie",
-    "SelfieFineTuner",
     "SimCLR",
     "SimSiam",
     "TCRPretrain",
@@ -45,5 +36,4 @@ __all__ = [
     "cosine_momentum",
     "effective_rank",
     "knn_accuracy_by_depth",
-    "load_patch_network",
 ]

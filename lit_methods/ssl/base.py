@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-import lightning as L
-import torch
-from timm.optim import Lars
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_methods.base import WarmupCosine, drop_object_hyperparameters, parameter_groups
+from lit_methods.base import MethodBase, drop_object_hyperparameters
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
 
-__all__ = ["SSLMethod", "constant_lr_factor", "mlp_projector"]
+__all__ = ["SSLMethod", "mlp_projector"]
 
 
 def mlp_projector(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
@@ -21,12 +19,7 @@ def mlp_projector(in_features: int, hidden_features: int, out_features: int) -> 
     return nn.Sequential(nn.Linear(in_features, hidden_features), nn.ReLU(), nn.Linear(hidden_features, out_features))
 
 
-def constant_lr_factor(step: int) -> float:
-    """LR factor of the parameter groups kept at their base rate (no warmup, no decay); picklable."""
-    return 1.0
-
-
-class SSLMethod(L.LightningModule):
+class SSLMethod(MethodBase):
     """Base of the self-supervised methods (the solo-learn design with typed arguments).
 
     Training batches are ``([view_1, ..., view_n], labels)`` (a datamodule with ``ssl_views >= 2``; multi-crop views
@@ -36,28 +29,32 @@ class SSLMethod(L.LightningModule):
     :class:`WeightedKNNClassifier` bank with them, and reports ``val/probe_acc`` and ``val/knn_acc`` on the
     single-view validation batches.
 
-    One optimizer, SGD or LARS (You et al., "Large Batch Training of Convolutional Networks", arXiv:1708.03888, as
-    :class:`timm.optim.Lars`): the method's parameters at ``lr``, the probe at ``probe_lr`` without weight decay,
-    all with linear warmup then cosine decay sized from ``trainer.estimated_stepping_batches``; the child modules
-    named by :meth:`constant_lr_modules` keep ``lr`` throughout (SimSiam's predictor). Biases and normalization
-    parameters get no weight decay and, with LARS, no trust-ratio adaptation (as in BYOL and solo-learn); the probe
-    is never adapted either.
+    One optimizer (:class:`~lit_methods.base.MethodBase`): SGD by default, or any ``optimizer`` callable such as
+    LARS (You et al., "Large Batch Training of Convolutional Networks", arXiv:1708.03888: ``class_path:
+    timm.optim.Lars`` with ``lr``, ``momentum``, ``trust_coeff`` and ``trust_clip`` in its ``init_args``). The
+    method's parameters train at ``lr`` (or the optimizer's own), the probe at ``probe_lr`` without weight decay, all
+    with linear warmup then cosine decay sized from ``trainer.estimated_stepping_batches``; child modules named by
+    :meth:`param_group_options` with ``scheduled: False`` keep their rate throughout (SimSiam's predictor). Biases
+    and normalization parameters get no weight decay and, with LARS, no trust-ratio adaptation (as in BYOL and
+    solo-learn); the probe is never adapted either.
 
     Args:
         backbone: a network with ``forward_features`` and ``num_features`` (every :mod:`lit_methods.nets` backbone);
             its classifier is removed (``reset_classifier(0)``).
         num_classes: classes of the monitors (filled from the datamodule by the CLI).
-        lr: peak learning rate of the method's parameters.
+        lr: peak learning rate of the method's parameters with the default SGD.
         momentum: SGD momentum.
         weight_decay: weight decay of the method's parameters (none on biases and norm parameters).
         warmup_steps: linear warmup, in optimizer steps (int) or as a fraction of all steps (float).
         probe_lr: learning rate of the linear probe.
         knn_k: neighbours of the kNN monitor.
         knn_temperature: vote temperature of the kNN monitor.
-        optimizer: ``"sgd"`` or ``"lars"``.
-        lars_trust_coefficient: LARS trust coefficient ``eta``: the adapted rate of a weight tensor ``w`` is
-            ``lr * eta * |w| / (|g| + weight_decay * |w|)`` (BYOL: 1e-3; solo-learn's CIFAR configs: 0.02).
-        lars_clip: LARC clipping (solo-learn's ``clip_lr``): the trust ratio is ``min(ratio / lr, 1)``.
+        optimizer: replaces the default SGD; called with the parameter groups (``class_path`` from the CLI).
+        lr_scheduler: replaces the warmup-cosine schedule; called with the optimizer, it schedules every group.
+        mean: per-channel normalization mean of the data (filled from the datamodule by the CLI).
+        std: per-channel normalization standard deviation of the data (filled from the datamodule by the CLI).
+        inputs_normalized: ``False`` when batches are [0, 1] pixels: the model normalizes them with ``mean`` and
+            ``std`` first.
     """
 
     def __init__(
@@ -71,51 +68,52 @@ class SSLMethod(L.LightningModule):
         probe_lr: float = 0.1,
         knn_k: int = 200,
         knn_temperature: float = 0.1,
-        optimizer: Literal["sgd", "lars"] = "sgd",
-        lars_trust_coefficient: float = 1e-3,
-        lars_clip: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        inputs_normalized: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            exclude_norm_and_bias_from_weight_decay=True,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            mean=mean,
+            std=std,
+            inputs_normalized=inputs_normalized,
+        )
         self.save_hyperparameters()
         drop_object_hyperparameters(self)
         if not (hasattr(backbone, "forward_features") and hasattr(backbone, "reset_classifier")):
             raise ValueError(
                 f"{type(backbone).__name__} needs forward_features and reset_classifier (a lit_methods.nets backbone)"
             )
-        if lr <= 0 or probe_lr <= 0:
-            raise ValueError(f"learning rates must be > 0, got lr={lr}, probe_lr={probe_lr}")
-        if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
-            raise ValueError(f"warmup_steps as a fraction must lie in [0, 1), got {warmup_steps}")
-        if optimizer not in ("sgd", "lars"):
-            raise ValueError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}")
-        if lars_trust_coefficient <= 0:
-            raise ValueError(f"lars_trust_coefficient must be > 0, got {lars_trust_coefficient}")
+        if probe_lr <= 0:
+            raise ValueError(f"probe_lr must be > 0, got {probe_lr}")
         backbone.reset_classifier(0)
         self.backbone = backbone
         self.num_features: int = backbone.num_features
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
         self.probe_lr = probe_lr
-        self.optimizer_name = optimizer
-        self.lars_trust_coefficient = lars_trust_coefficient
-        self.lars_clip = lars_clip
         self.probe = OnlineLinearProbe(self.num_features, num_classes)
         self.probe_val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.knn = WeightedKNNClassifier(num_classes, k=knn_k, temperature=knn_temperature)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled backbone features."""
-        return self.backbone.forward_features(x)
+        return self.backbone.forward_features(self.normalize_inputs(x))
 
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
         """The method's objective from the views and their backbone features (``features[i] = self(views[i])``)."""
         raise NotImplementedError
 
-    def constant_lr_modules(self) -> tuple[str, ...]:
-        """Names of child modules whose learning rate stays at ``lr`` (no warmup or decay); none by default."""
-        return ()
+    def param_group_options(self) -> dict[str, dict[str, Any]]:
+        """The probe at ``probe_lr``, without weight decay or LARS adaptation (its group comes last); methods add
+        their own modules (SimSiam's constant-rate predictor)."""
+        return {"probe": {"lr": self.probe_lr, "weight_decay": 0.0, "always_adapt": False}}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         views, targets = batch[0], batch[1]
@@ -145,43 +143,3 @@ class SSLMethod(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.knn.reset()  # the bank holds the features of the current epoch
-
-    def configure_optimizers(self) -> Any:
-        constant = set(self.constant_lr_modules())
-        unknown = (constant - {name for name, _ in self.named_children()}) | (constant & {"probe"})
-        if unknown:
-            raise ValueError(f"constant_lr_modules names {sorted(unknown)}, which are not method child modules")
-        scheduled = nn.ModuleList(module for name, module in self.named_children() if name not in constant | {"probe"})
-        groups = [{**group, "scheduled": True} for group in self._decay_groups(scheduled)]
-        for name in sorted(constant):
-            groups += [{**group, "scheduled": False} for group in self._decay_groups(getattr(self, name))]
-        groups.append(
-            {"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.probe_lr, "scheduled": True}
-        )
-        if self.optimizer_name == "lars":
-            # timm adapts a group when its weight decay is non-zero or always_adapt is set: the weights are adapted
-            # whatever weight_decay is; biases, norm parameters and the probe have zero decay and no flag
-            for group in groups:
-                group["always_adapt"] = group.pop("lars_adapt", False)
-            optimizer: torch.optim.Optimizer = Lars(
-                groups,
-                lr=self.lr,
-                momentum=self.momentum,
-                trust_coeff=self.lars_trust_coefficient,
-                trust_clip=self.lars_clip,
-            )
-        else:
-            for group in groups:
-                group.pop("lars_adapt", None)
-            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = round(self.warmup_steps * total) if isinstance(self.warmup_steps, float) else self.warmup_steps
-        cosine = WarmupCosine(warmup, total)
-        factors = [cosine if group["scheduled"] else constant_lr_factor for group in optimizer.param_groups]
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def _decay_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        """``module``'s weights (decayed, LARS-adapted) and its biases and norm parameters (neither)."""
-        decay, no_decay = parameter_groups(module, self.weight_decay, exclude_norm_and_bias=True)
-        return [{**decay, "lars_adapt": True}, no_decay]

@@ -6,35 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_methods.base import WarmupCosine, drop_object_hyperparameters
+from lit_methods.base import MethodBase, drop_object_hyperparameters
 from lit_methods.ssl.monitors import WeightedKNNClassifier
 
-__all__ = ["LinearEvaluation", "load_ssl_backbone"]
-
-BACKBONE_PREFIX = "backbone."
+__all__ = ["LinearEvaluation"]
 
 
-def load_ssl_backbone(backbone: nn.Module, ssl_checkpoint: str) -> None:
-    """Copy the ``backbone.*`` weights of an :class:`~lit_methods.ssl.SSLMethod` checkpoint into ``backbone``
-    (strictly: a missing or unexpected key, or a shape mismatch, raises)."""
-    state = torch.load(ssl_checkpoint, map_location="cpu", weights_only=True)
-    weights = state.get("state_dict", state)
-    backbone_weights = {k.removeprefix(BACKBONE_PREFIX): v for k, v in weights.items() if k.startswith(BACKBONE_PREFIX)}
-    if not backbone_weights:
-        raise ValueError(f"{ssl_checkpoint} holds no '{BACKBONE_PREFIX}*' weights: is it an SSLMethod checkpoint?")
-    try:
-        backbone.load_state_dict(backbone_weights, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"the backbone does not match the one saved in {ssl_checkpoint}: {error}") from None
-
-
-class LinearEvaluation(L.LightningModule):
+class LinearEvaluation(MethodBase):
     """A linear classifier trained on the frozen features of a self-supervised backbone, plus a weighted kNN.
 
     The backbone architecture is given as ``backbone`` (from the CLI by ``class_path``, like the SSL method's) and its
@@ -46,8 +30,9 @@ class LinearEvaluation(L.LightningModule):
     every checkpoint, in Python and from a config, and a mismatch fails loudly.
 
     The backbone stays in eval mode (BN running statistics frozen) and receives no gradient; only the linear head
-    is trained, with SGD and a cosine decay to 0 over ``trainer.estimated_stepping_batches`` (lightly's
-    ``LinearClassifier``; solo-learn steps the rate at 60% and 80% instead). Top-1 accuracy is logged as
+    is trained, by default with SGD and a cosine decay to 0 over ``trainer.estimated_stepping_batches`` (lightly's
+    ``LinearClassifier``; solo-learn steps the rate at 60% and 80% instead), or with the injected ``optimizer`` and
+    ``lr_scheduler`` (:class:`~lit_methods.base.MethodBase`). Top-1 accuracy is logged as
     ``val/acc`` and ``test/acc``. The kNN monitor (``val/knn_acc``) votes with the features of the training batches
     of the current epoch as its bank (lightly's ``KNNClassifier``: the frozen backbone makes them the training set's
     features, under its training augmentation).
@@ -61,6 +46,12 @@ class LinearEvaluation(L.LightningModule):
         weight_decay: weight decay of the linear head (0 in the standard protocol).
         knn_k: neighbours of the kNN evaluation.
         knn_temperature: vote temperature of the kNN evaluation.
+        optimizer: replaces the default SGD; called with the head's parameter groups (``class_path`` from the CLI).
+        lr_scheduler: replaces the cosine decay; called with the optimizer and stepped every optimizer step.
+        mean: per-channel normalization mean of the data (filled from the datamodule by the CLI).
+        std: per-channel normalization standard deviation of the data (filled from the datamodule by the CLI).
+        inputs_normalized: ``False`` when batches are [0, 1] pixels: the model normalizes them with ``mean`` and
+            ``std`` first.
     """
 
     def __init__(
@@ -73,8 +64,23 @@ class LinearEvaluation(L.LightningModule):
         weight_decay: float = 0.0,
         knn_k: int = 200,
         knn_temperature: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        inputs_normalized: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            exclude_norm_and_bias_from_weight_decay=False,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            mean=mean,
+            std=std,
+            inputs_normalized=inputs_normalized,
+        )
         self.save_hyperparameters()
         drop_object_hyperparameters(self)
         if not (hasattr(backbone, "forward_features") and hasattr(backbone, "reset_classifier")):
@@ -83,16 +89,9 @@ class LinearEvaluation(L.LightningModule):
             )
         if not ssl_checkpoint:
             raise ValueError("ssl_checkpoint must be the path of an SSLMethod checkpoint, got an empty string")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         backbone.reset_classifier(0)
         self.backbone = backbone.requires_grad_(False).eval()
         self.ssl_checkpoint = ssl_checkpoint
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -106,7 +105,7 @@ class LinearEvaluation(L.LightningModule):
     def load_backbone(self) -> None:
         """Read the SSL backbone weights (once: a restored checkpoint of this module has them)."""
         if not self.backbone_loaded:
-            load_ssl_backbone(self.backbone, self.ssl_checkpoint)
+            self.load_pretrained_weights(self.ssl_checkpoint, {"backbone.": "backbone."}, strict=True)
             self.backbone_loaded.fill_(True)
 
     def train(self, mode: bool = True) -> LinearEvaluation:
@@ -117,7 +116,7 @@ class LinearEvaluation(L.LightningModule):
 
     def features(self, images: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.backbone.forward_features(images)
+            return self.backbone.forward_features(self.normalize_inputs(images))
 
     def forward(self, images: Tensor) -> Tensor:
         """Class logits of the linear head on the frozen features."""
@@ -158,11 +157,3 @@ class LinearEvaluation(L.LightningModule):
         images, targets = self._images_and_targets(batch)
         self.test_acc.update(self(images), targets)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(
-            self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(0, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_methods.base import read_checkpoint
 from lit_methods.losses.mcr2 import MCR2MembershipLoss, sinkhorn_membership
 from lit_methods.ssl.base import SSLMethod
 from lit_methods.ssl.clustering_metrics import MembershipSpectralClustering
@@ -100,10 +101,10 @@ class MLC(SSLMethod):
 
     def load_pretrained_checkpoint(self, path: str) -> None:
         """Start from the backbone and feature head of a TCRPretrain Lightning checkpoint (:meth:`load_pretrained`)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" not in state:
+        checkpoint = read_checkpoint(path)
+        if "state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
-        self.load_pretrained(state["state_dict"], source=path)
+        self.load_pretrained(checkpoint["state_dict"], source=path)
 
     @classmethod
     def from_pretrained(cls, pretrained: nn.Module, **kwargs: Any) -> MLC:
@@ -124,19 +125,8 @@ class MLC(SSLMethod):
         """Copy the ``backbone.*`` and ``feature_head.*`` entries of a pretrained state dict into this model's
         backbone and feature head, and the feature head into the cluster head. The keys and shapes must match
         exactly (``ValueError`` naming the differences otherwise); other entries (a probe, a loss) are ignored."""
-        own = {k: v for k, v in self.state_dict().items() if k.startswith(("backbone.", "feature_head."))}
-        given = {k: v for k, v in state_dict.items() if k.startswith(("backbone.", "feature_head."))}
-        if own.keys() != given.keys():
-            raise ValueError(
-                f"{source} does not match MLC's backbone and feature head: missing {sorted(own.keys() - given.keys())}, "
-                f"unexpected {sorted(given.keys() - own.keys())}"
-            )
-        shapes = {k: (tuple(own[k].shape), tuple(given[k].shape)) for k in own if own[k].shape != given[k].shape}
-        if shapes:
-            raise ValueError(f"{source}: shapes (MLC, pretrained) differ: {shapes}")
-        with torch.no_grad():
-            for key, value in given.items():
-                own[key].copy_(value)
+        key_map = {"backbone.": "backbone.", "feature_head.": "feature_head."}
+        self.load_pretrained_weights(state_dict, key_map, strict=True, source_name=source)
         self.cluster_head.load_state_dict(self.feature_head.state_dict())
         self.pretrained_loaded.fill_(True)
 

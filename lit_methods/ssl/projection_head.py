@@ -8,10 +8,9 @@ the training loss; it proposes the fixed diagonal reweighting head as an interpr
 There is no official repository; the reweighting head follows ``ReweightProjectionHead`` of the authors' SpuCo fork
 (weights ``kappa ** -i``, not trained), kept here as a buffer rather than a frozen parameter. The objective is SimCLR's
 NT-Xent or the spectral contrastive loss of the paper's analysis
-(:class:`~lit_methods.losses.spectral_contrastive.SpectralContrastiveLoss`). :class:`ProjectionHeadClassifier` is the
-paper's supervised setting (the head between backbone and linear classifier, bypassed in the evaluated features, as
-``SpuCoModel`` of the fork). :func:`effective_rank` measures how unequally a layer weights its directions, and
-:mod:`lit_methods.ssl.projection_head_theory` replicates the linear-model theory.
+(:class:`~lit_methods.losses.spectral_contrastive.SpectralContrastiveLoss`). The paper's supervised setting is
+:class:`lit_methods.supervised.ProjectionHeadClassifier`. :func:`effective_rank` measures how unequally a layer
+weights its directions, and :mod:`lit_methods.ssl.projection_head_theory` replicates the linear-model theory.
 """
 
 from __future__ import annotations
@@ -22,22 +21,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lit_methods.base import ImageClassifier
 from lit_methods.losses import NTXentLoss
 from lit_methods.losses.spectral_contrastive import SpectralContrastiveLoss
+from lit_methods.nets.heads import FixedReweightHead
 from lit_methods.ssl.base import SSLMethod
 from lit_methods.ssl.monitors import WeightedKNNClassifier
 
 __all__ = [
-    "FixedReweightHead",
-    "ProjectionHeadClassifier",
     "ProjectionHeadStudy",
     "effective_rank",
     "knn_accuracy_by_depth",
 ]
 
 HEADS = ("mlp", "linear", "none", "reweight")
-SUPERVISED_HEADS = ("mlp", "none", "reweight")
 LOSSES = ("ntxent", "spectral")
 
 
@@ -57,39 +53,6 @@ def effective_rank(features: Tensor) -> float:
     distribution = singular_values / total
     entropy = -torch.special.xlogy(distribution, distribution).sum()
     return float(entropy.exp())
-
-
-class FixedReweightHead(nn.Module):
-    """``h(r) = r * w`` with the fixed weights ``w_i = kappa ** -i``, ``i = 0 .. dim - 1`` (a buffer, never trained).
-
-    ``kappa = 1`` is the identity (training without a head); ``kappa > 1`` lets the loss weight the first dimensions
-    more than the last ones while the representation ``r`` itself stays evenly weighted.
-
-    Args:
-        dim: width of the representation.
-        kappa: decay factor, ``>= 1``; the smallest weight ``kappa ** -(dim - 1)`` must stay a normal float32 number
-            (a larger ``kappa`` would silently zero the last dimensions).
-    """
-
-    weights: Tensor
-
-    def __init__(self, dim: int, kappa: float) -> None:
-        super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if not kappa >= 1.0:
-            raise ValueError(f"kappa must be >= 1, got {kappa}")
-        weights = torch.tensor(float(kappa), dtype=torch.float64) ** -torch.arange(dim, dtype=torch.float64)
-        if weights[-1] < torch.finfo(torch.float32).tiny:
-            raise ValueError(
-                f"kappa={kappa} underflows float32 for dim={dim}: the last weight kappa**-{dim - 1} = "
-                f"{float(weights[-1]):.3g}; use a kappa closer to 1"
-            )
-        self.kappa = kappa
-        self.register_buffer("weights", weights.float())
-
-    def forward(self, representation: Tensor) -> Tensor:
-        return representation * self.weights
 
 
 class ProjectionHeadStudy(SSLMethod):
@@ -178,94 +141,6 @@ class ProjectionHeadStudy(SSLMethod):
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
         z1, z2 = (self.projector(f) for f in features[:2])
         return self.loss_fn(z1, z2)
-
-
-class ProjectionHeadClassifier(ImageClassifier):
-    """The paper's supervised setting: ``classifier(head(f(x)))`` trained with cross-entropy; the head is bypassed in
-    the evaluated representation.
-
-    The head sits between the backbone's pooled features ``f(x)`` and a linear classifier, and keeps their width (as
-    ``SpuCoModel`` of the authors' SpuCo fork, whose ``use_ph`` flag bypasses it). Training always goes through the
-    head. :meth:`forward_features` returns the pre-projection representation ``f(x)`` that downstream evaluation
-    (linear probes, kNN) uses; the validation/test logits go through the head unless ``evaluate_with_head=False``,
-    then they are ``classifier(f(x))`` (the fork's ``use_ph=False``).
-
-    * ``"reweight"``: :class:`FixedReweightHead` with ``kappa`` (the paper's proposal).
-    * ``"mlp"``: Linear - ReLU - Linear back to the backbone width.
-    * ``"none"``: the classifier sits on ``f(x)`` (the plain classifier).
-
-    Args:
-        backbone: a :mod:`lit_methods.nets` backbone (``forward_features``, ``num_features``, ``reset_classifier``);
-            its own classifier is removed.
-        head: the head's kind (above).
-        kappa: decay of the ``"reweight"`` head's weights.
-        projection_hidden_dim: hidden width of the ``"mlp"`` head.
-        evaluate_with_head: validation/test/predict logits through the head (True) or bypassing it (False).
-        **kwargs: the arguments of :class:`~lit_methods.ImageClassifier` (``num_classes`` is required or taken from
-            the backbone).
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: Literal["mlp", "none", "reweight"] = "reweight",
-        kappa: float = 1.01,
-        projection_hidden_dim: int = 2048,
-        evaluate_with_head: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        if not all(hasattr(backbone, name) for name in ("forward_features", "reset_classifier", "num_features")):
-            raise ValueError(
-                f"{type(backbone).__name__} needs forward_features, num_features and reset_classifier "
-                "(a lit_methods.nets backbone)"
-            )
-        if head not in SUPERVISED_HEADS:
-            raise ValueError(f"head must be one of {SUPERVISED_HEADS}, got {head!r}")
-        if projection_hidden_dim < 1:
-            raise ValueError(f"projection_hidden_dim must be >= 1, got {projection_hidden_dim}")
-        super().__init__(backbone, **kwargs)
-        self.backbone.reset_classifier(0)
-        width: int = backbone.num_features
-        self.head_kind = head
-        self.evaluate_with_head = evaluate_with_head
-        self.projector: nn.Module
-        if head == "mlp":
-            self.projector = nn.Sequential(
-                nn.Linear(width, projection_hidden_dim), nn.ReLU(), nn.Linear(projection_hidden_dim, width)
-            )
-        elif head == "reweight":
-            self.projector = FixedReweightHead(width, kappa)
-        else:
-            self.projector = nn.Identity()
-        self.classifier = nn.Linear(width, self.num_classes)
-
-    @torch.no_grad()
-    def check_backbone_output(self) -> None:
-        """Construction-time check that the backbone's pooled features have ``num_features`` entries."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            out = self.backbone.forward_features(torch.zeros(2, self.in_channels, *self.image_size))
-        finally:
-            self.backbone.train(was_training)
-        if out.shape != (2, self.backbone.num_features):
-            raise ValueError(
-                f"the backbone's forward_features gives shape {tuple(out.shape[1:])} per sample, but its num_features "
-                f"is {self.backbone.num_features}"
-            )
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The pre-projection representation ``f(x)`` (the head bypassed), for downstream evaluation."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone.forward_features(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits: through the head in training (and in evaluation when ``evaluate_with_head``), else bypassing it."""
-        features = self.forward_features(x)
-        if self.training or self.evaluate_with_head:
-            features = self.projector(features)
-        return self.classifier(features)
 
 
 @torch.no_grad()

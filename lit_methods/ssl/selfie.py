@@ -3,17 +3,15 @@ https://arxiv.org/abs/1906.02940): masked-patch selection with a convolutional p
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_methods.base import ImageClassifier
 from lit_methods.ssl.base import SSLMethod
 
-__all__ = ["AttentionPooling", "Selfie", "SelfieFineTuner", "load_patch_network"]
+__all__ = ["AttentionPooling", "Selfie"]
 
 
 def _at_positions(features: Tensor, positions: Tensor) -> Tensor:
@@ -63,7 +61,8 @@ class Selfie(SSLMethod):
     ``j`` the query ``u + pos_j`` scores every masked patch by the dot product ``<u + pos_j, h_k>``; the loss is the
     cross-entropy of choosing the patch that was at ``j`` among the image's masked patches (the distractors come
     from the same image). Masked patches never enter the pooling network; the patch network is trained through both
-    sides. Fine-tuning reuses the patch network's weights on whole images (:class:`SelfieFineTuner`).
+    sides. Fine-tuning reuses the patch network's weights on whole images
+    (:class:`lit_methods.supervised.SelfieFineTuner`).
 
     Why :class:`SSLMethod`: Selfie reuses its backbone contract, optimizer wiring and online monitors, but it
     consumes single images, so it replaces ``training_step`` (batches ``(images, labels)``, a datamodule with
@@ -137,7 +136,7 @@ class Selfie(SSLMethod):
 
     def patch_features(self, images: Tensor) -> Tensor:
         """The patch network's features of every patch, ``(N, num_patches, num_features)``."""
-        patches = self.patchify(images)
+        patches = self.patchify(self.normalize_inputs(images))
         n = len(patches)
         features = self.backbone.forward_features(patches.flatten(0, 1))
         return features.view(n, self.num_patches, -1)
@@ -178,41 +177,3 @@ class Selfie(SSLMethod):
         self.knn.update(bank_features=representation, bank_targets=targets)
         self.log_dict({"train/ssl_loss": loss, "train/patch_acc": accuracy, "train/probe_loss": probe_loss}, on_step=True)
         return loss + probe_loss
-
-
-def load_patch_network(backbone: nn.Module, checkpoint_path: str | Path) -> nn.Module:
-    """Copy the patch network of a :class:`Selfie` checkpoint (every parameter and buffer but the classifier ``fc``)
-    into ``backbone``, which must have the same layers (e.g. the same net built for whole images, with a fresh
-    classifier). Returns ``backbone``."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
-    pretrained = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
-    if not pretrained:
-        raise ValueError(f"{checkpoint_path} holds no backbone.* weights: is it a Selfie checkpoint?")
-    own = {key: value for key, value in backbone.state_dict().items() if not key.startswith("fc.")}
-    if own.keys() != pretrained.keys():
-        raise ValueError(
-            f"the backbone's layers differ from the checkpoint's patch network: missing in the checkpoint "
-            f"{sorted(own.keys() - pretrained.keys())}, not in the backbone {sorted(pretrained.keys() - own.keys())}"
-        )
-    mismatched = [key for key in own if own[key].shape != pretrained[key].shape]
-    if mismatched:
-        shapes = {key: (tuple(own[key].shape), tuple(pretrained[key].shape)) for key in mismatched}
-        raise ValueError(f"shapes (backbone, checkpoint) differ: {shapes}")
-    backbone.load_state_dict(pretrained, strict=False)
-    return backbone
-
-
-class SelfieFineTuner(ImageClassifier):
-    """Supervised fine-tuning of a backbone whose layers start from a Selfie patch network (the paper's second
-    stage); every :class:`~lit_methods.base.ImageClassifier` argument applies.
-
-    Args:
-        pretrained_checkpoint: a :class:`Selfie` checkpoint whose patch network has the backbone's layers; ``None``
-            trains from random initialization (the paper's supervised baseline).
-        **kwargs: the arguments of :class:`~lit_methods.base.ImageClassifier`.
-    """
-
-    def __init__(self, backbone: nn.Module, pretrained_checkpoint: str | None = None, **kwargs: Any) -> None:
-        if pretrained_checkpoint is not None:
-            load_patch_network(backbone, pretrained_checkpoint)
-        super().__init__(backbone, **kwargs)

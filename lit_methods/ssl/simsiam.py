@@ -93,8 +93,10 @@ class SimSiam(SSLMethod):
         self.loss_fn = NegativeCosineLoss()
         self.hallucinator = optional_hallucinator(projection_dim, hallucinator, hallucinator_max_ratio)
 
-    def constant_lr_modules(self) -> tuple[str, ...]:
-        return ("predictor",) if self.fixed_predictor_lr else ()
+    def param_group_options(self) -> dict[str, dict[str, Any]]:
+        """With ``fixed_predictor_lr`` the predictor's groups keep the base rate (no warmup or decay)."""
+        fixed = {"predictor": {"scheduled": False}} if self.fixed_predictor_lr else {}
+        return fixed | super().param_group_options()
 
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
         projections = [self.projector(f) for f in features]

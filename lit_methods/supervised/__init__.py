@@ -3,6 +3,8 @@
 from lit_methods.supervised.flowaug import FlowAug, FlowPretraining, build_glow
 from lit_methods.supervised.hard_batches import HardBatchClassifier
 from lit_methods.supervised.multi_sample_dropout import MultiSampleDropoutClassifier, multi_sample_loss
+from lit_methods.supervised.projection_head import ProjectionHeadClassifier
+from lit_methods.supervised.selfie_finetune import SelfieFineTuner, load_patch_network
 from lit_methods.supervised.subgroup_fairness import MacroStd, SubgroupClassifier
 
 __all__ = [
@@ -11,7 +13,10 @@ __all__ = [
     "HardBatchClassifier",
     "MacroStd",
     "MultiSampleDropoutClassifier",
+    "ProjectionHeadClassifier",
+    "SelfieFineTuner",
     "SubgroupClassifier",
     "build_glow",
+    "load_patch_network",
     "multi_sample_loss",
 ]

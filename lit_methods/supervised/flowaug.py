@@ -14,11 +14,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_methods.base import WarmupCosine
+from lit_methods.base import MethodBase, drop_object_hyperparameters
 
 __all__ = ["FlowAug", "FlowPretraining", "build_glow"]
 
@@ -67,12 +67,13 @@ def build_glow(
     return nf.MultiscaleFlow(priors, flows, merges, class_cond=False)
 
 
-class FlowPretraining(L.LightningModule):
+class FlowPretraining(MethodBase):
     """Trains the Glow that :class:`FlowAug` uses, by maximum likelihood on a datamodule's training images.
 
     Batches come normalized by the datamodule: they are mapped back to ``[0, 1]`` with ``mean``/``std`` (filled
     from the datamodule by the CLI), dequantized with uniform noise, and the loss is the negative log-likelihood
-    in bits per dimension of 8-bit images (``train/bpd``, ``val/bpd``). Adam with warmup then cosine decay.
+    in bits per dimension of 8-bit images (``train/bpd``, ``val/bpd``). Adam with warmup then cosine decay by
+    default, or the injected ``optimizer`` and ``lr_scheduler`` (:class:`~lit_methods.base.MethodBase`).
 
     Args:
         in_channels: image channels (filled from the datamodule by the CLI).
@@ -83,7 +84,9 @@ class FlowPretraining(L.LightningModule):
         blocks_per_level: Glow blocks per level.
         hidden_channels: width of the coupling networks.
         lr: Adam learning rate.
-        warmup_steps: linear warmup in optimizer steps.
+        warmup_steps: linear warmup in optimizer steps (at most all of them).
+        optimizer: replaces the default Adam; called with the parameter groups (``class_path`` from the CLI).
+        lr_scheduler: replaces the warmup-cosine schedule; called with the optimizer.
     """
 
     def __init__(
@@ -97,18 +100,24 @@ class FlowPretraining(L.LightningModule):
         hidden_channels: int = 128,
         lr: float = 1e-3,
         warmup_steps: int = 200,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            lr=lr,
+            weight_decay=0.0,
+            warmup_steps=warmup_steps,
+            exclude_norm_and_bias_from_weight_decay=False,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+        )
         self.save_hyperparameters()
+        drop_object_hyperparameters(self)
         side = image_size if isinstance(image_size, int) else image_size[0]
         if not isinstance(image_size, int) and len(set(image_size)) != 1:
             raise ValueError(f"the flow needs square images, got image_size={tuple(image_size)}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
         self.flow = build_glow(in_channels, side, num_levels, blocks_per_level, hidden_channels)
         self.to_unit_range = _Unnormalize(mean, std, in_channels)
-        self.lr = lr
-        self.warmup_steps = warmup_steps
 
     def bits_per_dim(self, images: Tensor) -> Tensor:
         """Mean negative log-likelihood of dequantized 8-bit ``images`` (in ``[0, 1]``), in bits per dimension."""
@@ -125,11 +134,9 @@ class FlowPretraining(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val/bpd", self.bits_per_dim(self.to_unit_range(batch[0])), on_epoch=True, sync_dist=True)
 
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        total = int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(min(self.warmup_steps, total), total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def make_default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """Adam at ``lr`` (the flow's default optimizer)."""
+        return torch.optim.Adam(groups, lr=self.lr)
 
 
 class _Unnormalize(nn.Module):

@@ -44,7 +44,7 @@ class MultiSampleDropoutClassifier(ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits: ``(M, B, C)`` in training mode, ``(B, C)`` in evaluation mode."""
-        return self.head(self.backbone.forward_features(x))
+        return self.head(self.backbone.forward_features(self.normalize_inputs(x)))
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
         images, targets = batch[0], batch[1]

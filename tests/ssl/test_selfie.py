@@ -1,5 +1,5 @@
 """Selfie: patches, attention pooling and the patch-choice loss against direct computations, no leak of masked
-patches, the fine-tuning path's weights, and patch-choice accuracy on real Fashion-MNIST."""
+patches, and patch-choice accuracy on real Fashion-MNIST (fine-tuning: tests/supervised/test_selfie_finetune.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_methods.datamodules.fashion_mnist import FashionMNISTDataModule
 from lit_methods.nets import ConvNet
-from lit_methods.ssl.selfie import Selfie, SelfieFineTuner, load_patch_network
+from lit_methods.ssl.selfie import Selfie
 from tests.helpers import cpu_trainer
 
 
@@ -141,31 +141,6 @@ def test_every_parameter_is_optimized(tmp_path):
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     missing = [name for name, p in model.named_parameters() if id(p) not in optimized]
     assert not missing and len(optimized) == len(list(model.parameters()))
-
-
-def test_fine_tuning_carries_the_patch_networks_weights_exactly(tmp_path):
-    model = _selfie()
-    images = torch.randn(6, 1, 16, 16)
-    trainer = cpu_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
-    data = TensorDataset(images, torch.randint(0, 10, (6,)))
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=3))
-    path = tmp_path / "selfie.ckpt"
-    trainer.save_checkpoint(path)
-    torch.manual_seed(1)
-    # the same layers built for whole 16x16 images: only the classifier's input width differs
-    classifier = SelfieFineTuner(_patch_net(image_size=16), pretrained_checkpoint=str(path), num_classes=10, lr=0.1)
-    pretrained = model.backbone.state_dict()
-    tuned = classifier.backbone.state_dict()
-    assert set(tuned) - set(pretrained) == {"fc.weight", "fc.bias"}
-    for key, value in pretrained.items():
-        assert torch.equal(tuned[key], value), key
-    assert any(not torch.equal(value, _patch_net().state_dict()[key]) for key, value in pretrained.items())
-    assert classifier(images).shape == (6, 10)
-    torch.manual_seed(1)
-    scratch = SelfieFineTuner(_patch_net(image_size=16), num_classes=10)
-    assert not torch.equal(scratch.backbone.features[0].weight, tuned["features.0.weight"])
-    with pytest.raises(ValueError, match="shapes"):
-        load_patch_network(_patch_net(width=8, image_size=16), path)
 
 
 # -- real data ------------------------------------------------------------------------------------------------------
