@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lit_methods.callbacks.per_sample_clipping import BookKeeping, unsupported_trainable_layers
+from lit_methods.datamodules.batch import as_batch
 
 __all__ = ["ErrorFeedbackDP"]
 
@@ -379,7 +380,8 @@ class ErrorFeedbackDP(Callback):
         if self.active_per_sample_method == "book_keeping":
             self._book_keeping.clear()
         else:
-            self._batch = (batch[0], batch[1])
+            named = as_batch(batch)
+            self._batch = (named["inputs"], named["targets"])
 
     def on_before_optimizer_step(
         self,
