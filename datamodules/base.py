@@ -258,7 +258,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         val_transforms: Callable | None = None,
         normalize: bool = True,
         fast_loader: bool = True,
-        augment: Callable[[Tensor], Tensor | list[Tensor]] | None = None,
+        augment: Callable[[Tensor], Any] | None = None,
         crop_padding: int = 4,
         horizontal_flip: bool = True,
         cutout_size: int = 0,
