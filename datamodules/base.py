@@ -342,9 +342,9 @@ class InMemoryVisionDataModule(VisionDataModule):
             if not fast_loader:
                 raise ValueError(f"augment={augment!r} runs on the fast path: set fast_loader=True")
             changed = {
-                name: value
-                for name, value in self._augment_flags().items()
-                if _as_plain(value) != _as_plain(constructor_default(type(self), name))
+                name: getattr(self, name)
+                for name in DEFAULT_AUGMENT_FLAGS
+                if _as_plain(getattr(self, name)) != _as_plain(constructor_default(type(self), name))
             }
             if changed:
                 raise ValueError(
@@ -353,11 +353,21 @@ class InMemoryVisionDataModule(VisionDataModule):
             self.augment = augment
         elif ssl_views:
             self.augment = SSLViewAugment(
-                ssl_views, ssl_local_views, ssl_local_size, self.ssl_global_scale, self.ssl_local_scale, seed
+                global_views=ssl_views,
+                local_views=ssl_local_views,
+                local_size=ssl_local_size,
+                global_scale=self.ssl_global_scale,
+                local_scale=self.ssl_local_scale,
+                seed=seed,
             )
         else:
-            cutout_fill = self.mean if cutout_size else None
-            self.augment = BatchAugment(crop_padding, horizontal_flip, cutout_size, cutout_fill, seed)
+            self.augment = BatchAugment(
+                crop_padding=crop_padding,
+                horizontal_flip=horizontal_flip,
+                cutout_size=cutout_size,
+                cutout_fill=self.mean if cutout_size else None,
+                seed=seed,
+            )
         self.normalization = Normalize(self.mean, self.std)
         self._augment_epoch: int | None = None
         self.train_images: Tensor | None = None
@@ -366,9 +376,6 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.val_labels: Tensor | None = None
         self.test_images: Tensor | None = None
         self.test_labels: Tensor | None = None
-
-    def _augment_flags(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in DEFAULT_AUGMENT_FLAGS}
 
     # -- what a dataset subclass provides ---------------------------------------------------------------------
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:

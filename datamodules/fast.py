@@ -10,7 +10,7 @@ from ``on_after_batch_transfer`` and normalizes its output as a separate step,
 The random parameters are drawn on the CPU from a seeded :class:`torch.Generator` and then applied on the batch's
 device, so the same seed gives the same augmented batches on CPU and GPU. The distribution matches the torchvision path built by
 :func:`lit_methods.datamodules.transforms.build_train_transforms` (``RandomCrop(padding=p)`` with zero fill, ``RandomHorizontalFlip``,
-then :class:`lit_methods.datamodules.transforms.Cutout`).
+then :class:`lit_methods.datamodules.transforms.Cutout` filled with the mean pixel).
 """
 
 from __future__ import annotations

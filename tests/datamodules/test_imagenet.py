@@ -25,6 +25,7 @@ from lit_methods.datamodules.imagenet import (
     TinyImageNetDataModule,
     read_class_list,
 )
+from lit_methods.datamodules.normalization import Normalize
 from tests.datamodules.imagenet_formats import (
     REAL_WNIDS,
     WrittenImageNet,
@@ -268,6 +269,20 @@ def test_val_split_zero_validates_on_val_folder_and_batches(small_imagenet: tupl
     batch = next(iter(dm.train_dataloader()))
     images, labels = batch["inputs"], batch["targets"]
     assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= set(range(5))
+
+
+def test_normalize_false_yields_the_same_images_as_pixels(small_imagenet: tuple[Path, WrittenImageNet]) -> None:
+    root, _ = small_imagenet
+    class_list = write_class_list(root / "classes.txt", list(REAL_WNIDS))
+    kwargs = dict(data_dir=root, class_list=class_list, image_size=32, batch_size=4, num_workers=0)
+    normalized, pixels = ImageNetDataModule(**kwargs), ImageNetDataModule(normalize=False, **kwargs)
+    assert (normalized.inputs_normalized, pixels.inputs_normalized) == (True, False)
+    for dm in (normalized, pixels):
+        dm.setup("validate")
+    expected = next(iter(normalized.val_dataloader()))["inputs"]
+    got = next(iter(pixels.val_dataloader()))["inputs"]
+    assert 0 <= got.min() and got.max() <= 1
+    torch.testing.assert_close(Normalize(normalized.mean, normalized.std)(got), expected, rtol=0, atol=1e-5)
 
 
 def test_missing_imagenet_folders_are_explained(tmp_path: Path) -> None:
