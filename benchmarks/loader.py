@@ -9,8 +9,9 @@ Data: ``--num-images`` (default 50,000) random CIFAR-shaped ``uint8`` images ``(
   :func:`lit_methods.datamodules.transforms.build_train_transforms` (``transforms.v2``).
 * fast: :class:`~lit_methods.datamodules.fast.InMemoryBatchLoader` over a :class:`~lit_methods.datamodules.fast.ShardedEpochSampler`, each
   batch moved to ``--device``, augmented there by :class:`~lit_methods.datamodules.fast.BatchAugment` (crop padding 4,
-  horizontal flip; ``uint8`` pixels out) and normalized by :class:`~lit_methods.datamodules.normalization.Normalize` (the
-  datamodule's two steps), with ``torch.cuda.synchronize()`` after every batch on CUDA.
+  horizontal flip; ``uint8`` pixels out) and normalized by
+  :class:`~lit_methods.datamodules.normalization.Normalize` (the datamodule's two steps), with
+  ``torch.cuda.synchronize()`` after every batch on CUDA.
 
 Both paths first run ``--warmup`` untimed batches from a throw-away iterator. Each timed epoch then starts from a new
 iterator, so the reference's "epoch" figures count its worker startup (as users experience it); its "steady" figures

@@ -9,12 +9,12 @@ ordinary epochs is ``epochs * b``: set ``trainer.max_steps`` to :meth:`HardBatch
 ``max_epochs: -1``, so that Lightning "epochs" are passes of ``floor(delta * b)`` steps; validate every ``b`` steps
 with ``val_check_interval: b`` and ``check_val_every_n_epoch: null`` (see :class:`HardBatchLoader`).
 
-:class:`HardBatchDataModule` wraps any :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` (fast loader) and yields
-``{"inputs": images, "targets": labels, "batch_id": id}`` training batches; whoever computes the loss (the model) reports it through the
-documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses and the loader's position
-(pass, its chosen batches, how many were trained) are saved with the datamodule in checkpoints, so a run resumed
-from any checkpoint (end of a Lightning epoch, validation end, mid-pass) trains exactly as an uninterrupted one
-(see :class:`HardBatchLoader` for how Lightning re-enters the saved epoch).
+:class:`HardBatchDataModule` wraps any :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` (fast loader) and
+yields ``{"inputs": images, "targets": labels, "batch_id": id}`` training batches; whoever computes the loss (the
+model) reports it through the documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses
+and the loader's position (pass, its chosen batches, how many were trained) are saved with the datamodule in
+checkpoints, so a run resumed from any checkpoint (end of a Lightning epoch, validation end, mid-pass) trains exactly
+as an uninterrupted one (see :class:`HardBatchLoader` for how Lightning re-enters the saved epoch).
 
 Deviations from the official code, each a generalization that keeps its behaviour on one process: the fixed batches
 may be drawn from a seeded permutation (``shuffle=True``; the official loader uses dataset order, ``shuffle=False``),

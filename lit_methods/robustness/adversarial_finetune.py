@@ -88,10 +88,10 @@ class AdversarialFineTune(ImageClassifier):
     The model works in [0, 1] pixel space: it needs data that is not normalized (``normalize: false`` on the
     datamodule, hence ``inputs_normalized=False``) and applies its own :class:`~lit_methods.datamodules.Normalize`
     (``mean``, ``std``) in :meth:`forward`, before the backbone. Every training batch is replaced by its L-infinity
-    PGD examples (crafted on the pixels) and the model minimises their cross-entropy; ``train/acc`` is the accuracy on those adversarial examples. Validation and test log the clean
-    metrics of :class:`~lit_methods.ImageClassifier` and the accuracy under PGD with ``eval_attack_steps`` steps as
-    ``val/robust_acc`` / ``test/robust_acc`` (the attack runs with gradients enabled even under the trainer's
-    inference mode).
+    PGD examples (crafted on the pixels) and the model minimises their cross-entropy; ``train/acc`` is the accuracy
+    on those adversarial examples. Validation and test log the clean metrics of :class:`~lit_methods.ImageClassifier`
+    and the accuracy under PGD with ``eval_attack_steps`` steps as ``val/robust_acc`` / ``test/robust_acc`` (the
+    attack runs with gradients enabled even under the trainer's inference mode).
 
     Args:
         backbone: the classifier of normalized images (pre-trained, or loaded from ``pretrained_checkpoint``).

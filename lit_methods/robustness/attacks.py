@@ -42,8 +42,8 @@ def pgd_linf(
     """Untargeted L-infinity PGD adversarial examples of ``pixels`` (in [0, 1]) against ``model``.
 
     Args:
-        model: maps [0, 1] images to logits (e.g. preceded by :class:`~lit_methods.datamodules.Normalize`); used in whatever
-            mode it is in.
+        model: maps [0, 1] images to logits (e.g. preceded by :class:`~lit_methods.datamodules.Normalize`); used
+            in whatever mode it is in.
         pixels: ``(N, C, H, W)`` clean images in [0, 1].
         targets: ``(N,)`` class indices.
         eps: radius of the L-infinity ball, in [0, 1] pixel units (CIFAR papers: 8/255).

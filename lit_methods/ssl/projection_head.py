@@ -286,8 +286,8 @@ def knn_accuracy_by_depth(
 
     Args:
         model: the trained (or untrained) study module.
-        bank_batches: labelled single-view batches (named fields, or ``(images, targets)`` tuples) forming the kNN bank (e.g. the
-            un-augmented training split).
+        bank_batches: labelled single-view batches (named fields, or ``(images, targets)`` tuples) forming the
+            kNN bank (e.g. the un-augmented training split).
         query_batches: labelled batches to classify (e.g. the test split).
         k: neighbours of the vote.
         temperature: vote temperature (``exp(cos / temperature)`` weights, the monitors' kNN).

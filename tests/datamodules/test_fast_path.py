@@ -207,11 +207,10 @@ def test_loader_gathers_the_sampled_rows():
 
 def test_loader_gathers_named_extras_and_refuses_unknown_names():
     images = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8)
-    loader = InMemoryBatchLoader(
-        images, torch.arange(10), ShardedEpochSampler(10, 4, shuffle=True, seed=2), extras={"subgroup": -torch.arange(10)}
-    )
+    sampler = ShardedEpochSampler(10, 4, shuffle=True, seed=2)
+    loader = InMemoryBatchLoader(images, torch.arange(10), sampler, extras={"subgroup": -torch.arange(10)})
     for batch in loader:
         assert set(batch) == {"inputs", "targets", "subgroup"}
         assert torch.equal(batch["subgroup"], -batch["inputs"].flatten().long())
     with pytest.raises(ValueError, match=r"unknown extra batch fields \['group'\]"):
-        InMemoryBatchLoader(images, torch.arange(10), ShardedEpochSampler(10, 4, shuffle=False), extras={"group": images})
+        InMemoryBatchLoader(images, torch.arange(10), sampler, extras={"group": images})

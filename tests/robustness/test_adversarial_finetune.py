@@ -142,7 +142,7 @@ def test_bad_inputs_name_the_value():
     with pytest.raises(ValueError, match="inputs_normalized=True: build the datamodule with normalize=False"):
         AdversarialFineTune(_backbone(), mean=MEAN, std=STD, inputs_normalized=True)
     model = AdversarialFineTune(_backbone(), mean=MEAN, std=STD)
-    with pytest.raises(ValueError, match="DigitsDataModule yields normalized inputs: .*data.init_args.normalize: false"):
+    with pytest.raises(ValueError, match="DigitsDataModule yields normalized inputs: .*init_args.normalize: false"):
         cpu_trainer().validate(model, datamodule=DigitsDataModule(num_workers=0), verbose=False)
 
 
