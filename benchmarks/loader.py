@@ -8,8 +8,10 @@ Data: ``--num-images`` (default 50,000) random CIFAR-shaped ``uint8`` images ``(
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``; ``v2`` is the project's own slow path,
   :func:`lit_methods.datamodules.transforms.build_train_transforms` (``transforms.v2``).
 * fast: :class:`~lit_methods.datamodules.fast.InMemoryBatchLoader` over a :class:`~lit_methods.datamodules.fast.ShardedEpochSampler`, each
-  batch moved to ``--device`` and augmented there by :class:`~lit_methods.datamodules.fast.BatchAugment` (crop padding 4,
-  horizontal flip, normalize), with ``torch.cuda.synchronize()`` after every batch on CUDA.
+  batch moved to ``--device``, augmented there by :class:`~lit_methods.datamodules.fast.BatchAugment` (crop padding 4,
+  horizontal flip; ``uint8`` pixels out) and normalized by
+  :class:`~lit_methods.datamodules.normalization.Normalize` (the datamodule's two steps), with
+  ``torch.cuda.synchronize()`` after every batch on CUDA.
 
 Both paths first run ``--warmup`` untimed batches from a throw-away iterator. Each timed epoch then starts from a new
 iterator, so the reference's "epoch" figures count its worker startup (as users experience it); its "steady" figures
@@ -29,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +40,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.datamodules.cifar import CIFAR10DataModule
 from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.datamodules.transforms import build_train_transforms
 
 MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
@@ -69,10 +74,11 @@ class Epoch:
     steady_images: int
 
 
-def time_epoch(batches: Iterable[tuple[Tensor, Tensor]], consume: Callable[[Tensor], object], skip: int) -> Epoch:
+def time_epoch(batches: Iterable[Any], consume: Callable[[Tensor], object], skip: int) -> Epoch:
     start = time.perf_counter()
     stamps, sizes = [], []
-    for images, _ in batches:
+    for batch in batches:
+        images = as_batch(batch)["inputs"]
         consume(images)
         stamps.append(time.perf_counter())
         sizes.append(len(images))
@@ -92,10 +98,10 @@ def report(name: str, epochs: list[Epoch]) -> tuple[float, float]:
     return rate, steady
 
 
-def warm_up(batches: Iterable[tuple[Tensor, Tensor]], consume: Callable[[Tensor], object], count: int) -> None:
+def warm_up(batches: Iterable[Any], consume: Callable[[Tensor], object], count: int) -> None:
     iterator = iter(batches)
     for _ in range(count):
-        consume(next(iterator)[0])
+        consume(as_batch(next(iterator))["inputs"])
     del iterator  # shuts the reference's workers down, so the timed epoch starts them afresh
 
 
@@ -136,10 +142,11 @@ def main() -> None:
 
     sampler = ShardedEpochSampler(args.num_images, args.batch_size, shuffle=True, seed=args.seed)
     fast = InMemoryBatchLoader(images, labels, sampler)
-    augment = BatchAugment(MEAN, STD, crop_padding=4, horizontal_flip=True, seed=args.seed)
+    augment = BatchAugment(crop_padding=4, horizontal_flip=True, seed=args.seed)
+    normalize = Normalize(MEAN, STD).to(device)
 
     def fast_step(batch: Tensor) -> Tensor:
-        out = augment(batch.to(device, non_blocking=True))
+        out = normalize(augment(batch.to(device, non_blocking=True)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return out

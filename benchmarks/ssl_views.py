@@ -8,7 +8,8 @@ Data: ``--num-images`` (default 10,000) random CIFAR-shaped ``uint8`` images ``(
   :func:`~lit_methods.datamodules.transforms.build_ssl_view_transforms` (random resized crop, flip, colour jitter p = 0.8,
   grayscale p = 0.2, normalize), ``--views`` global views plus ``--local-views`` of ``--local-size``.
 * fast path (``fast_loader=True``): :class:`~lit_methods.datamodules.fast.InMemoryBatchLoader` batches moved to ``--device`` and
-  turned into the same views there by :class:`~lit_methods.datamodules.ssl_views.SSLViewAugment`, with
+  turned into the same views there by :class:`~lit_methods.datamodules.ssl_views.SSLViewAugment` ([0, 1] pixels), each
+  view normalized by :class:`~lit_methods.datamodules.normalization.Normalize` (the datamodule's two steps), with
   ``torch.cuda.synchronize()`` after every batch on CUDA.
 
 Each timed epoch starts from a new iterator (the torchvision figures include its worker startup, as users see it),
@@ -28,6 +29,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,18 +38,24 @@ from torch.utils.data import DataLoader
 from lit_methods.datamodules.base import ArrayImageDataset
 from lit_methods.datamodules.cifar import CIFAR10DataModule
 from lit_methods.datamodules.fast import InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.datamodules.ssl_views import SSLViewAugment
 from lit_methods.datamodules.transforms import MultiView, build_ssl_view_transforms
 
 MEAN, STD = CIFAR10DataModule.mean, CIFAR10DataModule.std
 
 
-def time_epoch(batches: Iterable[tuple[Tensor, ...]], consume: Callable[[Tensor], object]) -> float:
+def source(batch: dict[str, Any]) -> Tensor | list[Tensor]:
+    """What a path's step consumes: the torchvision path's views, the fast path's ``uint8`` images."""
+    return batch["views"] if "views" in batch else batch["inputs"]
+
+
+def time_epoch(batches: Iterable[dict[str, Any]], consume: Callable[[Any], list[Tensor]]) -> float:
     """Source images per second over one whole epoch of ``batches``."""
     start = time.perf_counter()
     count = 0
-    for images, *_ in batches:
-        views = consume(images)
+    for batch in batches:
+        views = consume(source(batch))
         count += len(views[0])
     return count / (time.perf_counter() - start)
 
@@ -93,10 +101,11 @@ def main() -> None:
 
     sampler = ShardedEpochSampler(args.num_images, args.batch_size, shuffle=True, seed=args.seed)
     fast = InMemoryBatchLoader(images, labels, sampler)
-    augment = SSLViewAugment(MEAN, STD, args.views, args.local_views, args.local_size, seed=args.seed)
+    augment = SSLViewAugment(args.views, args.local_views, args.local_size, seed=args.seed)
+    normalize = Normalize(MEAN, STD).to(device)
 
     def fast_step(batch: Tensor) -> list[Tensor]:
-        views = augment(batch.to(device, non_blocking=True))
+        views = [normalize(view) for view in augment(batch.to(device, non_blocking=True))]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return views
@@ -112,7 +121,7 @@ def main() -> None:
     for loader, step in ((reference, lambda batch: batch), (fast, fast_step)):
         iterator = iter(loader)
         for _ in range(args.warmup):
-            step(next(iterator)[0])
+            step(source(next(iterator)))
         del iterator  # stops the reference's workers, so each timed epoch starts them afresh
     reference_rates, fast_rates = [], []
     for epoch in range(args.repeats):  # interleaved, so both paths see the same background load

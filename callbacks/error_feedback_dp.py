@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.privacy import (
     BookKeeping,
     calibrate_noise_multiplier,
@@ -311,7 +312,8 @@ class ErrorFeedbackDP(Callback):
         if self.active_per_sample_method == "book_keeping":
             self._book_keeping.clear()
         else:
-            self._batch = (batch[0], batch[1])
+            named = as_batch(batch)
+            self._batch = (named["inputs"], named["targets"])
 
     def on_before_optimizer_step(
         self,

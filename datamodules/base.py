@@ -8,8 +8,9 @@ tensor and batches are augmented on their device in :meth:`~InMemoryVisionDataMo
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +22,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.batch import INPUTS, TARGETS, VIEWS
+from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, check_extras
+from lit_methods.datamodules.normalization import Normalize, unit_pixels
 from lit_methods.datamodules.ssl_views import SSLViewAugment, validate_scale, validate_view_counts
 from lit_methods.datamodules.subsets import long_tailed_indices, per_class_subset_indices
 from lit_methods.datamodules.transforms import (
@@ -50,7 +53,9 @@ class VisionDataModule(L.LightningDataModule):
     """Base for image classification datamodules.
 
     Subclasses set the class attributes (or instance attributes where they depend on arguments) that the CLI links
-    into models: ``num_classes``, ``in_channels``, ``image_size`` (H, W), and the normalization ``mean``/``std``.
+    into models: ``num_classes``, ``in_channels``, ``image_size`` (H, W), the normalization ``mean``/``std``, and
+    ``inputs_normalized`` (whether batches arrive normalized, or as [0, 1] pixels for a model that normalizes them
+    itself).
 
     Args:
         data_dir: where the dataset lives (or is downloaded to).
@@ -65,6 +70,9 @@ class VisionDataModule(L.LightningDataModule):
         drop_last: drop the last incomplete training batch.
         train_transforms: per-sample transform of training images (torchvision path); defaults per dataset.
         val_transforms: per-sample transform of validation/test images; defaults per dataset.
+        normalize: normalize the images with ``mean``/``std`` (the default transforms' last step); ``False`` yields
+            ``float32`` pixels in [0, 1] for models that own their normalization (pixel-space methods such as
+            attacks). Exposed as ``inputs_normalized``.
     """
 
     name: ClassVar[str] = ""
@@ -87,6 +95,7 @@ class VisionDataModule(L.LightningDataModule):
         drop_last: bool = False,
         train_transforms: Callable | None = None,
         val_transforms: Callable | None = None,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(val_split, bool) or not isinstance(val_split, (int, float)):
@@ -114,6 +123,7 @@ class VisionDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.train_transforms = train_transforms
         self.val_transforms = val_transforms
+        self.inputs_normalized = normalize
 
     # -- helpers for subclasses -------------------------------------------------------------------------------
     def rank_and_world_size(self) -> tuple[int, int]:
@@ -125,10 +135,10 @@ class VisionDataModule(L.LightningDataModule):
         return 0, 1
 
     def default_train_transforms(self) -> Callable:
-        return build_eval_transforms(self.mean, self.std)
+        return build_eval_transforms(self.mean, self.std, self.inputs_normalized)
 
     def default_val_transforms(self) -> Callable:
-        return build_eval_transforms(self.mean, self.std)
+        return build_eval_transforms(self.mean, self.std, self.inputs_normalized)
 
     def resolved_train_transforms(self) -> Callable:
         return self.train_transforms if self.train_transforms is not None else self.default_train_transforms()
@@ -152,27 +162,35 @@ class VisionDataModule(L.LightningDataModule):
 class ArrayImageDataset(Dataset):
     """Per-sample view of a ``uint8`` ``(N, C, H, W)`` tensor as PIL images, for the torchvision path.
 
-    Items are ``(image, label, *extras)``, ``extras`` being further per-sample tensors such as subgroup ids.
+    Items are dicts ``{"inputs": image, "targets": label, **extras}`` (``default_collate`` turns them into dict
+    batches); a transform returning a list of views (:class:`~lit_methods.datamodules.transforms.MultiView`) gives
+    ``{"views": [...], "targets": label, ...}``. ``extras`` are further per-sample tensors by field name, such as
+    ``{"subgroup": ids}``.
     """
 
     def __init__(
-        self, images: Tensor, labels: Tensor, transform: Callable | None = None, extras: tuple[Tensor, ...] = ()
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Callable | None = None,
+        extras: Mapping[str, Tensor] | None = None,
     ) -> None:
-        if any(len(t) != len(images) for t in (labels, *extras)):
-            raise ValueError(f"{len(images)} images but {[len(t) for t in (labels, *extras)]} labels/extras")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels
         self.transform = transform
-        self.extras = extras
+        self.extras = check_extras(extras or {}, len(images))
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         array = self.images[index].permute(1, 2, 0).numpy()
         image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
         image = self.transform(image) if self.transform else image
-        return (image, int(self.labels[index]), *(int(t[index]) for t in self.extras))
+        item = {VIEWS if isinstance(image, list) else INPUTS: image, TARGETS: int(self.labels[index])}
+        return item | {name: int(t[index]) for name, t in self.extras.items()}
 
 
 class InMemoryVisionDataModule(VisionDataModule):
@@ -180,12 +198,29 @@ class InMemoryVisionDataModule(VisionDataModule):
 
     Subclasses implement :meth:`load_split` (and :meth:`download_split` when the dataset can be downloaded).
 
+    On the fast path every batch is ``{"inputs": uint8 images, "targets": labels, **extras}`` until
+    :meth:`on_after_batch_transfer` runs on its device: training images go through the augment (:attr:`augment`),
+    then every batch through :meth:`to_inputs` (normalization, or [0, 1] pixels with ``normalize=False``).
+
+    The augment protocol: any callable that takes the ``uint8`` ``(N, C, H, W)`` training images on their device and
+    returns pixels (``uint8`` in [0, 255] or floating point in [0, 1], ``(N, C, H', W')``), or a list of such views
+    (the batch then holds ``views`` instead of ``inputs``). If it has a ``generator`` attribute holding a
+    ``torch.Generator`` and draws all its randomness from it, the datamodule re-seeds that generator from
+    ``(seed, rank, epoch)`` at the first training batch of every epoch: runs are reproducible, each rank draws its
+    own parameters and a run resumed at an epoch boundary continues exactly. An augment without one draws from
+    whatever it uses and is not re-seeded. Built-in: :class:`~lit_methods.datamodules.fast.BatchAugment` and
+    :class:`~lit_methods.datamodules.ssl_views.SSLViewAugment`.
+
     Args:
         fast_loader: gather batches from the in-memory tensor and augment them on their device
             (:mod:`lit_methods.datamodules.fast`); ``False`` uses a torchvision ``DataLoader`` with per-sample PIL transforms.
+        augment: the fast path's training augment (see the protocol above), e.g. given by ``class_path`` in a config;
+            ``None`` builds the default one from the flags below (``BatchAugment``, or ``SSLViewAugment`` with
+            ``ssl_views``), which must then keep their defaults. Needs ``fast_loader=True``.
         crop_padding: zero padding of the random crop (0: no crop).
         horizontal_flip: random horizontal flips.
-        cutout_size: side of the Cutout square (0: no cutout).
+        cutout_size: side of the Cutout square (0: no cutout); it is filled with the mean pixel (0 after
+            normalization, as the paper's Cutout of the normalized image).
         imbalance_factor: long-tailed training split (Cao et al., LDAM, arXiv:1906.07413): class ``i`` keeps
             ``n_max * imbalance_factor ** (-i / (C - 1))`` images; 1 keeps the split balanced.
         samples_per_class: keep this many training images per class, drawn with ``seed``.
@@ -193,9 +228,9 @@ class InMemoryVisionDataModule(VisionDataModule):
             Cutout (Cubuk et al. 2020, arXiv:1909.13719). It transforms each image on its own, so it needs
             ``fast_loader=False`` (the fast path augments whole batches and rejects it).
         randaugment_magnitude: RandAugment's M on the paper's 0-10 scale.
-        ssl_views: training batches become ``([view_1, ..., view_n, local_1, ..., local_m], labels)`` with
-            SimCLR's CIFAR augmentation for self-supervised methods; 0 is off, else the number of full-size
-            (global) views, >= 2. Per image in the torchvision path
+        ssl_views: training batches become ``{"views": [view_1, ..., view_n, local_1, ..., local_m], "targets":
+            labels}`` with SimCLR's CIFAR augmentation for self-supervised methods; 0 is off, else the number of
+            full-size (global) views, >= 2. Per image in the torchvision path
             (:func:`~lit_methods.datamodules.transforms.build_ssl_view_transforms`), batched on the device in the fast path
             (:class:`~lit_methods.datamodules.ssl_views.SSLViewAugment`, same distribution); validation and test batches stay
             single-view. ``crop_padding``, ``horizontal_flip`` and ``cutout_size`` do not apply to the views.
@@ -221,7 +256,9 @@ class InMemoryVisionDataModule(VisionDataModule):
         drop_last: bool = False,
         train_transforms: Callable | None = None,
         val_transforms: Callable | None = None,
+        normalize: bool = True,
         fast_loader: bool = True,
+        augment: Callable[[Tensor], Any] | None = None,
         crop_padding: int = 4,
         horizontal_flip: bool = True,
         cutout_size: int = 0,
@@ -247,6 +284,7 @@ class InMemoryVisionDataModule(VisionDataModule):
             drop_last=drop_last,
             train_transforms=train_transforms,
             val_transforms=val_transforms,
+            normalize=normalize,
         )
         if fast_loader and (train_transforms is not None or val_transforms is not None):
             raise ValueError("custom train_transforms/val_transforms need fast_loader=False (torchvision path)")
@@ -297,20 +335,40 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.ssl_local_size = ssl_local_size
         self.ssl_global_scale = tuple(ssl_global_scale)
         self.ssl_local_scale = tuple(ssl_local_scale)
-        self.augment: BatchAugment | SSLViewAugment
-        if ssl_views:
+        self.augment: Callable[[Tensor], Tensor | list[Tensor]]
+        if augment is not None:
+            if not callable(augment):
+                raise TypeError(f"augment must be callable on a uint8 image batch, got {augment!r}")
+            if not fast_loader:
+                raise ValueError(f"augment={augment!r} runs on the fast path: set fast_loader=True")
+            changed = {
+                name: getattr(self, name)
+                for name in DEFAULT_AUGMENT_FLAGS
+                if _as_plain(getattr(self, name)) != _as_plain(constructor_default(type(self), name))
+            }
+            if changed:
+                raise ValueError(
+                    f"give either augment={augment!r} or the flags of the default augment, not both: got {changed}"
+                )
+            self.augment = augment
+        elif ssl_views:
             self.augment = SSLViewAugment(
-                self.mean,
-                self.std,
-                ssl_views,
-                ssl_local_views,
-                ssl_local_size,
-                self.ssl_global_scale,
-                self.ssl_local_scale,
-                seed,
+                global_views=ssl_views,
+                local_views=ssl_local_views,
+                local_size=ssl_local_size,
+                global_scale=self.ssl_global_scale,
+                local_scale=self.ssl_local_scale,
+                seed=seed,
             )
         else:
-            self.augment = BatchAugment(self.mean, self.std, crop_padding, horizontal_flip, cutout_size, seed)
+            self.augment = BatchAugment(
+                crop_padding=crop_padding,
+                horizontal_flip=horizontal_flip,
+                cutout_size=cutout_size,
+                cutout_fill=self.mean if cutout_size else None,
+                seed=seed,
+            )
+        self.normalization = Normalize(self.mean, self.std)
         self._augment_epoch: int | None = None
         self.train_images: Tensor | None = None
         self.train_labels: Tensor | None = None
@@ -363,11 +421,16 @@ class InMemoryVisionDataModule(VisionDataModule):
 
     def default_train_transforms(self) -> Callable:
         if self.ssl_views:
-            global_view = build_ssl_view_transforms(self.mean, self.std, self.image_size, *self.ssl_global_scale)
+            normalize = self.inputs_normalized
+            global_view = build_ssl_view_transforms(
+                self.mean, self.std, self.image_size, *self.ssl_global_scale, normalize=normalize
+            )
             local_view = None
             if self.ssl_local_views:
                 local_size = (self.ssl_local_size, self.ssl_local_size)
-                local_view = build_ssl_view_transforms(self.mean, self.std, local_size, *self.ssl_local_scale)
+                local_view = build_ssl_view_transforms(
+                    self.mean, self.std, local_size, *self.ssl_local_scale, normalize=normalize
+                )
             return MultiView(global_view, self.ssl_views, local_view, self.ssl_local_views)
         return build_train_transforms(
             self.mean,
@@ -378,10 +441,11 @@ class InMemoryVisionDataModule(VisionDataModule):
             self.cutout_size,
             self.randaugment_num_ops,
             self.randaugment_magnitude,
+            normalize=self.inputs_normalized,
         )
 
     def _loader(
-        self, images: Tensor | None, labels: Tensor | None, train: bool, extras: tuple[Tensor, ...] = ()
+        self, images: Tensor | None, labels: Tensor | None, train: bool, extras: Mapping[str, Tensor] | None = None
     ) -> Any:
         if images is None or labels is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not loaded this split yet")
@@ -414,22 +478,78 @@ class InMemoryVisionDataModule(VisionDataModule):
     def predict_dataloader(self) -> Any:
         return self.test_dataloader()
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Fast path: augment (training) or only normalize (evaluation) the ``uint8`` images on their device;
-        with ``ssl_views`` the training images become the list of views.
+    def to_inputs(self, pixels: Tensor) -> Tensor:
+        """Pixels (``uint8`` in [0, 255] or floating point in [0, 1]) as the ``float32`` inputs this datamodule
+        yields: normalized with ``mean``/``std``, or [0, 1] pixels when ``inputs_normalized`` is ``False``."""
+        if not self.inputs_normalized:
+            return unit_pixels(pixels)
+        if self.normalization.mean.device != pixels.device:
+            self.normalization.to(pixels.device)
+        return self.normalization(pixels)
 
-        The augmentation generator is re-seeded from ``(seed, rank, epoch)`` at the first training batch of every
-        epoch, so each rank draws its own parameters and a run resumed at an epoch boundary continues exactly.
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Fast path: augment (training) the ``uint8`` images on their device, then turn them into inputs
+        (:meth:`to_inputs`); evaluation batches are only turned into inputs. An augment that returns a list of views
+        (``ssl_views``) makes the training batch ``{"views": [...], "targets": ..., **extras}``. Batches of the
+        torchvision path arrive transformed and pass through.
+
+        An augment with a ``generator`` (see the class doc) is re-seeded from ``(seed, rank, epoch)`` at the first
+        training batch of every epoch, so each rank draws its own parameters and a run resumed at an epoch boundary
+        continues exactly.
         """
-        images, *rest = batch
+        if not isinstance(batch, Mapping):
+            return batch
+        images = batch.get(INPUTS)
         if not isinstance(images, Tensor) or images.dtype != torch.uint8:  # torchvision path: already transformed
             return batch
+        rest = {name: value for name, value in batch.items() if name != INPUTS}
         if self.trainer is None or not self.trainer.training:
-            return self.augment.normalize(images), *rest
-        epoch = self.trainer.current_epoch
-        if epoch != self._augment_epoch:
+            return {INPUTS: self.to_inputs(images), **rest}
+        self._seed_augment(self.trainer.current_epoch)
+        augmented = self.augment(images)
+        if isinstance(augmented, Tensor):
+            return {INPUTS: self.to_inputs(augmented), **rest}
+        if isinstance(augmented, (list, tuple)) and augmented and all(isinstance(v, Tensor) for v in augmented):
+            return {VIEWS: [self.to_inputs(view) for view in augmented], **rest}
+        raise TypeError(
+            f"the augment {type(self.augment).__name__} returned {type(augmented).__name__}: an augment returns an "
+            "image tensor or a non-empty list of view tensors"
+        )
+
+    def _seed_augment(self, epoch: int) -> None:
+        generator = getattr(self.augment, "generator", None)
+        if isinstance(generator, torch.Generator) and epoch != self._augment_epoch:
             rank, _ = self.rank_and_world_size()
             seed = np.random.SeedSequence([self.seed, rank, epoch]).generate_state(1)[0]
-            self.augment.generator.manual_seed(int(seed))
+            generator.manual_seed(int(seed))
             self._augment_epoch = epoch
-        return self.augment(images), *rest
+
+
+DEFAULT_AUGMENT_FLAGS = (
+    "crop_padding",
+    "horizontal_flip",
+    "cutout_size",
+    "ssl_views",
+    "ssl_local_views",
+    "ssl_local_size",
+    "ssl_global_scale",
+    "ssl_local_scale",
+)
+"""The arguments of :class:`InMemoryVisionDataModule` that configure its default augment."""
+
+
+def constructor_default(cls: type, name: str) -> Any:
+    """The default of ``cls(...)``'s argument ``name``: from the first class of the MRO whose ``__init__`` names it
+    (a subclass may change a default and pass the rest on as ``**kwargs``)."""
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        parameter = inspect.signature(init).parameters.get(name)
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    raise TypeError(f"{cls.__name__}() has no argument {name!r} with a default")
+
+
+def _as_plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -4,7 +4,7 @@
 The annotations are the published label files ``cifar10_bgd_cl2img_gp_fine.npy`` / ``cifar100_bgd_cl2img_gp_fine.npy``
 (from the paper's dataset repository): a pickled dict ``{class name: {"NNNN.png": subgroup id}}`` in which
 ``NNNN`` numbers the images of that class in the order of the CIFAR test split. The test split of these datamodules
-yields ``(images, labels, subgroups)`` batches; training and validation are CIFAR's.
+yields ``{"inputs": images, "targets": labels, "subgroup": subgroups}`` batches; training and validation are CIFAR's.
 
 The label files are Python pickles: only load files you trust.
 """
@@ -88,7 +88,7 @@ class _SubgroupMixin:
             self.test_subgroups = self.subgroups_of(self.test_labels)
 
     def test_dataloader(self) -> Any:
-        return self._loader(self.test_images, self.test_labels, train=False, extras=(self.test_subgroups,))
+        return self._loader(self.test_images, self.test_labels, train=False, extras={"subgroup": self.test_subgroups})
 
 
 class CIFAR10BDataModule(_SubgroupMixin, CIFAR10DataModule):

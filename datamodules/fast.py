@@ -1,24 +1,27 @@
 """Fast in-memory data path: uint8 tensors gathered by index, augmented as a batch on the batch's device.
 
 The split lives in one ``uint8`` tensor of shape ``(N, C, H, W)``. :class:`InMemoryBatchLoader` yields
-``(images_uint8, labels)`` batches by indexing that tensor with a whole batch of indices at once (no per-sample
-Python), and :class:`BatchAugment` applies random crop with zero padding, horizontal flip, cutout and normalization
-to the batch after it reached its device (the datamodule calls it from ``on_after_batch_transfer``).
+``{"inputs": images_uint8, "targets": labels, **extras}`` batches (:mod:`lit_methods.datamodules.batch`) by indexing
+that tensor with a whole batch of indices at once (no per-sample Python), and :class:`BatchAugment` applies random
+crop with zero padding, horizontal flip and cutout to the batch after it reached its device (the datamodule calls it
+from ``on_after_batch_transfer`` and normalizes its output as a separate step,
+:class:`~lit_methods.datamodules.normalization.Normalize`, unless the model owns normalization).
 
 The random parameters are drawn on the CPU from a seeded :class:`torch.Generator` and then applied on the batch's
 device, so the same seed gives the same augmented batches on CPU and GPU. The distribution matches the torchvision path built by
 :func:`lit_methods.datamodules.transforms.build_train_transforms` (``RandomCrop(padding=p)`` with zero fill, ``RandomHorizontalFlip``,
-``Normalize``, then :class:`lit_methods.datamodules.transforms.Cutout`).
+then :class:`lit_methods.datamodules.transforms.Cutout` filled with the mean pixel).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+
 import torch
 from torch import Tensor
 
-from lit_methods.datamodules.normalization import checked_normalization
+from lit_methods.datamodules.batch import EXTRA_FIELDS, INPUTS, TARGETS
 
 __all__ = ["BatchAugment", "InMemoryBatchLoader", "ShardedEpochSampler"]
 
@@ -92,13 +95,14 @@ class ShardedEpochSampler:
 
 
 class InMemoryBatchLoader:
-    """Iterable of ``(images, labels, *extras)`` batches gathered from in-memory tensors by a
+    """Iterable of ``{"inputs": images, "targets": labels, **extras}`` batches gathered from in-memory tensors by a
     :class:`ShardedEpochSampler`.
 
-    ``images`` is typically ``uint8`` ``(N, C, H, W)``; batches are plain tensor slices (pinned when
-    ``pin_memory``), so the per-batch cost is one index gather. ``extras`` are further per-sample tensors (for
-    instance subgroup ids) gathered with the same indices. Like a ``DataLoader`` it exposes ``sampler`` (whose
-    ``set_epoch`` Lightning calls) and ``batch_sampler`` (None: the sampler already yields whole batches).
+    ``images`` is typically ``uint8`` ``(N, C, H, W)``; batch fields are plain tensor slices (pinned when
+    ``pin_memory``), so the per-batch cost is one index gather per field. ``extras`` are further per-sample tensors
+    by field name (for instance ``{"subgroup": ids}``, see :data:`~lit_methods.datamodules.batch.EXTRA_FIELDS`)
+    gathered with the same indices. Like a ``DataLoader`` it exposes ``sampler`` (whose ``set_epoch`` Lightning
+    calls) and ``batch_sampler`` (None: the sampler already yields whole batches).
     """
 
     batch_sampler = None
@@ -109,15 +113,15 @@ class InMemoryBatchLoader:
         labels: Tensor,
         sampler: ShardedEpochSampler,
         pin_memory: bool = False,
-        extras: tuple[Tensor, ...] = (),
+        extras: Mapping[str, Tensor] | None = None,
     ) -> None:
-        if any(len(t) != len(images) for t in (labels, *extras)):
-            raise ValueError(f"{len(images)} images but {[len(t) for t in (labels, *extras)]} labels/extras")
-        if sampler.num_samples != len(images):
-            raise ValueError(f"sampler covers {sampler.num_samples} samples but {len(images)} were given")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels
-        self.extras = extras
+        self.extras = check_extras(extras or {}, len(images))
+        if sampler.num_samples != len(images):
+            raise ValueError(f"sampler covers {sampler.num_samples} samples but {len(images)} were given")
         self.sampler = sampler
         self.pin_memory = pin_memory
 
@@ -128,60 +132,68 @@ class InMemoryBatchLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for index in self.sampler:
-            batch = tuple(t[index] for t in (self.images, self.labels, *self.extras))
-            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+            batch = {INPUTS: self.images[index], TARGETS: self.labels[index]}
+            batch |= {name: t[index] for name, t in self.extras.items()}
+            yield {name: t.pin_memory() for name, t in batch.items()} if self.pin_memory else batch
+
+
+def check_extras(extras: Mapping[str, Tensor], num_samples: int) -> dict[str, Tensor]:
+    """``extras`` as a dict after checking that every name is a known extra field
+    (:data:`~lit_methods.datamodules.batch.EXTRA_FIELDS`) and every tensor has ``num_samples`` rows."""
+    unknown = sorted(set(extras) - set(EXTRA_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown extra batch fields {unknown}: the extras are {', '.join(EXTRA_FIELDS)}")
+    lengths = {name: len(t) for name, t in extras.items() if len(t) != num_samples}
+    if lengths:
+        raise ValueError(f"{num_samples} images but the extras have {lengths} rows")
+    return dict(extras)
 
 
 class BatchAugment:
-    """Batched CIFAR-style augmentation of ``uint8`` images on their own device.
+    """Batched CIFAR-style augmentation of ``uint8`` images on their own device: random crop with zero padding,
+    horizontal flip, Cutout. It returns pixels, not normalized images: ``uint8`` without Cutout, ``float32`` in
+    [0, 1] with it; normalization is the datamodule's separate step.
+
+    The default augment of :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule`; every random parameter is
+    drawn from :attr:`generator`, a CPU ``torch.Generator`` (the datamodule re-seeds it every epoch).
 
     Args:
-        mean: per-channel mean in [0, 1] units (normalization output is ``(x / 255 - mean) / std``).
-        std: per-channel standard deviation in [0, 1] units.
         crop_padding: zero padding of the random crop (0 disables the crop).
         horizontal_flip: flip each image with probability 0.5.
-        cutout_size: side of the square zeroed after normalization (DeVries & Taylor 2017,
-            arXiv:1708.04552); its centre is uniform over the image and the square is clipped at the border.
+        cutout_size: side of the Cutout square (DeVries & Taylor 2017, arXiv:1708.04552); its centre is uniform over
+            the image and the square is clipped at the border. 0 disables it.
+        cutout_fill: per-channel value of the Cutout square in [0, 1] pixel units, required with ``cutout_size``. The
+            paper zeroes the normalized image, i.e. fills with the dataset's mean pixel: pass the data's ``mean``
+            (the datamodule does) to get exactly 0 after normalization.
         seed: seed of the CPU generator that draws all random parameters.
     """
 
     def __init__(
         self,
-        mean: Sequence[float],
-        std: Sequence[float],
         crop_padding: int = 4,
         horizontal_flip: bool = True,
         cutout_size: int = 0,
+        cutout_fill: Sequence[float] | None = None,
         seed: int = 0,
     ) -> None:
-        self.mean, self.std = checked_normalization(mean, std)
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
         if cutout_size < 0:
             raise ValueError(f"cutout_size must be >= 0, got {cutout_size}")
+        if cutout_size and cutout_fill is None:
+            raise ValueError(
+                f"cutout_size={cutout_size} needs cutout_fill, the per-channel fill in [0, 1] pixels (the paper's "
+                "Cutout fills with the dataset mean: pass the data's mean)"
+            )
+        if cutout_fill is not None and not all(0.0 <= value <= 1.0 for value in cutout_fill):
+            raise ValueError(f"cutout_fill must lie in [0, 1] pixel units, got {tuple(cutout_fill)}")
         self.crop_padding = crop_padding
         self.horizontal_flip = horizontal_flip
         self.cutout_size = cutout_size
+        self.cutout_fill = None if cutout_fill is None else tuple(float(value) for value in cutout_fill)
         self.generator = torch.Generator().manual_seed(seed)
-        self._affine_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """``uint8`` (or [0, 255] float) images to normalized ``float32``, in a new tensor."""
-        if images.shape[1] != len(self.mean):
-            raise ValueError(f"images have {images.shape[1]} channels but mean/std have {len(self.mean)}")
-        shift, scale = self._affine(images.device)
-        return images.to(torch.float32, copy=True).sub_(shift).div_(scale)
-
-    def _affine(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``255 * mean`` and ``255 * std`` as ``(1, C, 1, 1)`` tensors on ``device``, built once per device."""
-        if device not in self._affine_cache:
-            shape = (1, -1, 1, 1)
-            shift = torch.tensor(self.mean, device=device).mul_(255.0).view(shape)
-            scale = torch.tensor(self.std, device=device).mul_(255.0).view(shape)
-            self._affine_cache[device] = (shift, scale)
-        return self._affine_cache[device]
 
     def draw(self, batch_size: int, height: int, width: int) -> dict[str, Tensor]:
         """Random parameters for one batch, drawn on the CPU generator (same order on every device)."""
@@ -197,8 +209,13 @@ class BatchAugment:
         return params
 
     def __call__(self, images: Tensor) -> Tensor:
-        """Augment and normalize a ``(N, C, H, W)`` batch; returns a new ``float32`` tensor on the same device."""
-        n, _, h, w = images.shape
+        """Augment a ``uint8`` ``(N, C, H, W)`` batch; returns a new tensor on the same device (``uint8``, or
+        ``float32`` in [0, 1] with Cutout)."""
+        if images.dtype != torch.uint8:
+            raise ValueError(f"BatchAugment takes uint8 images, got {images.dtype}")
+        n, channels, h, w = images.shape
+        if self.cutout_fill is not None and len(self.cutout_fill) not in (1, channels):
+            raise ValueError(f"images have {channels} channels but cutout_fill has {len(self.cutout_fill)} values")
         params = self.draw(n, h, w)
         device = images.device
         if self.crop_padding:
@@ -210,11 +227,10 @@ class BatchAugment:
             # the mask is indexed on the CPU, so a GPU batch needs no device-to-host sync
             flipped = params["flip"].nonzero().squeeze(1).to(device, non_blocking=True)
             images[flipped] = images[flipped].flip(3)
-        out = self.normalize(images)
-        if self.cutout_size:
-            cy, cx = params["cy"].to(device, non_blocking=True), params["cx"].to(device, non_blocking=True)
-            out = cutout(out, cy, cx, self.cutout_size)
-        return out
+        if not self.cutout_size:
+            return images if self.crop_padding or self.horizontal_flip else images.clone()
+        cy, cx = params["cy"].to(device, non_blocking=True), params["cx"].to(device, non_blocking=True)
+        return cutout(images.to(torch.float32).div_(255.0), cy, cx, self.cutout_size, self.cutout_fill)
 
 
 def random_crop(images: Tensor, dy: Tensor, dx: Tensor, padding: int) -> Tensor:
@@ -229,8 +245,9 @@ def random_crop(images: Tensor, dy: Tensor, dx: Tensor, padding: int) -> Tensor:
     return windows[torch.arange(n, device=images.device), :, dy, dx]
 
 
-def cutout(images: Tensor, cy: Tensor, cx: Tensor, size: int) -> Tensor:
-    """Zero the square ``[cy - size // 2, cy + size - size // 2)`` x (same in x), clipped to the image."""
+def cutout(images: Tensor, cy: Tensor, cx: Tensor, size: int, fill: Sequence[float] = (0.0,)) -> Tensor:
+    """Fill the square ``[cy - size // 2, cy + size - size // 2)`` x (same in x), clipped to the image, with the
+    per-channel values ``fill`` (one value: every channel)."""
     n, _, h, w = images.shape
     half = size // 2
     ys = torch.arange(h, device=images.device).view(1, h)
@@ -238,4 +255,5 @@ def cutout(images: Tensor, cy: Tensor, cx: Tensor, size: int) -> Tensor:
     in_rows = (ys >= (cy.view(n, 1) - half)) & (ys < (cy.view(n, 1) - half + size))
     in_cols = (xs >= (cx.view(n, 1) - half)) & (xs < (cx.view(n, 1) - half + size))
     mask = in_rows.view(n, 1, h, 1) & in_cols.view(n, 1, 1, w)
-    return images.masked_fill(mask, 0.0)
+    values = torch.tensor(fill, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return torch.where(mask, values, images)

@@ -9,12 +9,12 @@ ordinary epochs is ``epochs * b``: set ``trainer.max_steps`` to :meth:`HardBatch
 ``max_epochs: -1``, so that Lightning "epochs" are passes of ``floor(delta * b)`` steps; validate every ``b`` steps
 with ``val_check_interval: b`` and ``check_val_every_n_epoch: null`` (see :class:`HardBatchLoader`).
 
-:class:`HardBatchDataModule` wraps any :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` (fast loader) and yields
-``(images, labels, batch_id)`` training batches; whoever computes the loss (the model) reports it through the
-documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses and the loader's position
-(pass, its chosen batches, how many were trained) are saved with the datamodule in checkpoints, so a run resumed
-from any checkpoint (end of a Lightning epoch, validation end, mid-pass) trains exactly as an uninterrupted one
-(see :class:`HardBatchLoader` for how Lightning re-enters the saved epoch).
+:class:`HardBatchDataModule` wraps any :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` (fast loader) and
+yields ``{"inputs": images, "targets": labels, "batch_id": id}`` training batches; whoever computes the loss (the
+model) reports it through the documented hook :meth:`HardBatchDataModule.record_batch_losses`. The selector's losses
+and the loader's position (pass, its chosen batches, how many were trained) are saved with the datamodule in
+checkpoints, so a run resumed from any checkpoint (end of a Lightning epoch, validation end, mid-pass) trains exactly
+as an uninterrupted one (see :class:`HardBatchLoader` for how Lightning re-enters the saved epoch).
 
 Deviations from the official code, each a generalization that keeps its behaviour on one process: the fixed batches
 may be drawn from a seeded permutation (``shuffle=True``; the official loader uses dataset order, ``shuffle=False``),
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.batch import INPUTS, TARGETS
 
 __all__ = ["FixedBatches", "HardBatchDataModule", "HardBatchLoader", "HardBatchSelector"]
 
@@ -131,7 +132,8 @@ class HardBatchSelector:
 
 
 class HardBatchLoader:
-    """Iterable of ``(images_uint8, labels, batch_id)`` over the batches of the current pass on this rank.
+    """Iterable of ``{"inputs": images_uint8, "targets": labels, "batch_id": id}`` over the batches of the current
+    pass on this rank.
 
     Pass ``p`` is set by Lightning through ``sampler.set_epoch(p)`` (the loader is its own sampler): pass 0 yields
     every batch of the rank's shard in id order; later passes yield the selector's choice among them, computed when
@@ -216,13 +218,13 @@ class HardBatchLoader:
     def __len__(self) -> int:
         return self.counted_before + self.pass_length()
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
         while self.yielded < self.pass_length():
             batch_id = self.pass_batch_ids()[self.yielded]
             index = self.fixed.batches[batch_id]
-            batch = (self.images[index], self.labels[index], torch.tensor([batch_id]))
+            batch = {INPUTS: self.images[index], TARGETS: self.labels[index], "batch_id": torch.tensor([batch_id])}
             self.yielded += 1
-            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+            yield {name: t.pin_memory() for name, t in batch.items()} if self.pin_memory else batch
 
     def position(self) -> dict[str, Any]:
         """Where this rank stands: the pass, its batches (``None`` before its first one is drawn), how many were
@@ -259,9 +261,10 @@ class HardBatchLoader:
 class HardBatchDataModule(L.LightningDataModule):
     """Trains on fixed mini-batches of ``datamodule`` with DyBAT's hard-batch re-training; evaluation is unchanged.
 
-    Training batches are ``(images, labels, batch_id)``; the module training on them calls
+    Training batches are ``{"inputs": images, "targets": labels, "batch_id": id}``; the module training on them calls
     :meth:`record_batch_losses` once per step with the (all-gathered under DDP) batch ids and their losses.
-    ``num_classes``, ``in_channels``, ``image_size``, ``mean`` and ``std`` are those of ``datamodule``.
+    ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std`` and ``inputs_normalized`` are those of
+    ``datamodule``.
 
     Args:
         datamodule: the dataset, an :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` with ``fast_loader=True``;
@@ -311,6 +314,10 @@ class HardBatchDataModule(L.LightningDataModule):
     @property
     def std(self) -> tuple[float, ...]:
         return self.datamodule.std
+
+    @property
+    def inputs_normalized(self) -> bool:
+        return self.datamodule.inputs_normalized
 
     # -- what the training module calls ------------------------------------------------------------------------
     def record_batch_losses(self, batch_ids: Tensor, losses: Tensor) -> None:

@@ -31,6 +31,8 @@ from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
 from lit_methods.datamodules.base import InMemoryVisionDataModule, VisionDataModule, split_indices
+from lit_methods.datamodules.batch import INPUTS, TARGETS
+from lit_methods.datamodules.transforms import tensor_ops
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -95,6 +97,11 @@ class _WnidImageFolder(ImageFolder):
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self.wnids, {wnid: index for index, wnid in enumerate(self.wnids)}
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``{"inputs": image, "targets": label}``: the named fields of :mod:`lit_methods.datamodules.batch`."""
+        image, label = super().__getitem__(index)
+        return {INPUTS: image, TARGETS: label}
+
 
 class ImageNetDataModule(VisionDataModule):
     """ILSVRC-2012 from ``<data_dir>/train/<wnid>/*.JPEG`` and ``<data_dir>/val/<wnid>/*.JPEG``.
@@ -109,7 +116,8 @@ class ImageNetDataModule(VisionDataModule):
     validation, read with the evaluation transforms.
 
     Default transforms (torchvision v2): training ``RandomResizedCrop(image_size)`` + horizontal flip, evaluation
-    ``Resize(round(image_size / 0.875))`` + ``CenterCrop(image_size)`` (256/224), both followed by normalization.
+    ``Resize(round(image_size / 0.875))`` + ``CenterCrop(image_size)`` (256/224), both followed by normalization
+    (unless ``normalize=False``). Batches are ``{"inputs": images, "targets": labels}``.
 
     Args:
         image_size: side of the (square) training crop and evaluation centre crop.
@@ -140,19 +148,14 @@ class ImageNetDataModule(VisionDataModule):
         self.test_dataset: Dataset | None = None
 
     # -- transforms ---------------------------------------------------------------------------------------------
-    def _tensor_ops(self) -> list[Callable]:
-        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
-
     def default_train_transforms(self) -> Callable:
-        return v2.Compose(
-            [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip(), *self._tensor_ops()]
-        )
+        random_ops = [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip()]
+        return v2.Compose([*random_ops, *tensor_ops(self.mean, self.std, self.inputs_normalized)])
 
     def default_val_transforms(self) -> Callable:
         resize = round(self.image_size[0] / 0.875)
-        return v2.Compose(
-            [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size), *self._tensor_ops()]
-        )
+        resize_ops = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
+        return v2.Compose([*resize_ops, *tensor_ops(self.mean, self.std, self.inputs_normalized)])
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _split_dir(self, split: str) -> Path:

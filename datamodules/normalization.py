@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalize", "checked_normalization"]
+__all__ = ["Normalize", "checked_normalization", "unit_pixels"]
 
 
 def checked_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -24,8 +24,21 @@ def checked_normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def unit_pixels(images: Tensor) -> Tensor:
+    """``uint8`` images in [0, 255] as new ``float32`` pixels in [0, 1]; floating-point images (already in [0, 1])
+    are returned as they are."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 in [0, 255] or floating point in [0, 1], got {images.dtype}")
+    return images
+
+
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` of ``(N, C, H, W)`` images in [0, 1] units; :meth:`inverse` undoes it.
+
+    ``uint8`` images are read as [0, 255] pixels and normalized to ``float32`` in one pass (``(x - 255 mean) /
+    (255 std)``, the fast path's conversion).
 
     ``mean`` and ``std`` are non-persistent buffers: they follow the module's device and dtype but are not saved in
     state dicts (they are hyper-parameters, filled from the datamodule by the CLI).
@@ -43,6 +56,8 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
+        if x.dtype == torch.uint8:
+            return x.to(torch.float32, copy=True).sub_(self.mean * 255.0).div_(self.std * 255.0)
         return (x - self.mean) / self.std
 
     def inverse(self, x: Tensor) -> Tensor:

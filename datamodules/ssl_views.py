@@ -16,7 +16,7 @@ ops then run on the batch's device with per-sample parameters:
   per-sample random order, as torchvision's ``ColorJitter`` (which permutes the four ops on every call). Keeping the
   random order keeps the fast path's view distribution that of the torchvision path; it costs index gathers only
   (at each of the 4 steps every op runs on the samples that drew it there).
-* random grayscale (p = 0.2) and normalization.
+* random grayscale (p = 0.2). The views are [0, 1] pixels: normalization is the datamodule's separate step.
 
 torchvision's functional colour ops take one factor per call, hence the per-sample versions below (each tested
 against the torchvision op applied image by image).
@@ -29,8 +29,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-from lit_methods.datamodules.normalization import checked_normalization
 
 __all__ = [
     "GRAYSCALE_WEIGHTS",
@@ -196,11 +194,11 @@ class SSLViewAugment:
     Returns ``[global_1, ..., global_g, local_1, ..., local_l]``: global views keep the input's ``H x W``, local
     views are ``local_size x local_size``. Each view: random resized crop (``ratio`` 3/4 to 4/3) and horizontal
     flip (p = 0.5), colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8 in a per-sample random order, grayscale with
-    p = 0.2, normalization; the same distribution as :func:`lit_methods.datamodules.transforms.build_ssl_view_transforms`.
+    p = 0.2; ``float32`` pixels in [0, 1] (the datamodule normalizes them as a separate step); the same distribution as
+    :func:`lit_methods.datamodules.transforms.build_ssl_view_transforms` before its normalization. Every random
+    parameter is drawn from :attr:`generator`, a CPU ``torch.Generator`` (the datamodule re-seeds it every epoch).
 
     Args:
-        mean: per-channel mean in [0, 1] units.
-        std: per-channel standard deviation in [0, 1] units.
         global_views: number of full-size views (>= 2).
         local_views: number of small multi-crop views (0: none).
         local_size: side of the local views (required when ``local_views > 0``).
@@ -216,8 +214,6 @@ class SSLViewAugment:
 
     def __init__(
         self,
-        mean: Sequence[float],
-        std: Sequence[float],
         global_views: int = 2,
         local_views: int = 0,
         local_size: int | None = None,
@@ -225,7 +221,6 @@ class SSLViewAugment:
         local_scale: tuple[float, float] = (0.05, 0.14),
         seed: int = 0,
     ) -> None:
-        self.mean, self.std = checked_normalization(mean, std)
         validate_view_counts(global_views, local_views, local_size)
         validate_scale("global_scale", global_scale)
         validate_scale("local_scale", local_scale)
@@ -236,21 +231,13 @@ class SSLViewAugment:
         self.local_scale = tuple(local_scale)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def normalize(self, images: Tensor) -> Tensor:
-        """``uint8`` images (or floats in [0, 255]) to normalized ``float32``."""
-        return self._normalize_unit(images.to(torch.float32) / 255.0)
-
-    def _normalize_unit(self, images: Tensor) -> Tensor:
-        if images.shape[1] != len(self.mean):
-            raise ValueError(f"images have {images.shape[1]} channels but mean/std have {len(self.mean)}")
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
-
     def __call__(self, images: Tensor) -> list[Tensor]:
-        """The views of a ``(N, C, H, W)`` batch, global views first, each a new normalized ``float32`` tensor."""
-        if images.shape[1] != len(self.mean):
-            raise ValueError(f"images have {images.shape[1]} channels but mean/std have {len(self.mean)}")
+        """The views of a ``uint8`` ``(N, C, H, W)`` batch (1 or 3 channels), global views first, each a new
+        ``float32`` tensor of [0, 1] pixels."""
+        if images.dtype != torch.uint8:
+            raise ValueError(f"SSLViewAugment takes uint8 images, got {images.dtype}")
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"SSLViewAugment takes 1- or 3-channel images, got {images.shape[1]} channels")
         height, width = images.shape[-2:]
         unit = images.to(torch.float32) / 255.0
         global_size = (height, width)
@@ -261,7 +248,7 @@ class SSLViewAugment:
         return views
 
     def view(self, images: Tensor, size: tuple[int, int], scale: tuple[float, float]) -> Tensor:
-        """One augmented, normalized view of float images in [0, 1]."""
+        """One augmented view of float images in [0, 1]."""
         n, _, height, width = images.shape
         return self.apply(images, self.draw(n, height, width, scale), size)
 
@@ -307,7 +294,7 @@ class SSLViewAugment:
         if out.shape[1] == 3:
             gray = params["grayscale"].to(out.device, non_blocking=True).view(-1, 1, 1, 1)
             out = torch.where(gray, rgb_to_grayscale(out), out)
-        return self._normalize_unit(out)
+        return out
 
 
 def validate_view_counts(global_views: int, local_views: int, local_size: int | None) -> None:

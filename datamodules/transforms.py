@@ -20,27 +20,30 @@ __all__ = [
     "build_ssl_view_transforms",
     "build_train_transforms",
     "randaugment",
+    "tensor_ops",
 ]
 
 
 class Cutout(nn.Module):
-    """Zero a ``size`` x ``size`` square with a uniformly drawn centre, clipped at the border.
+    """Fill a ``size`` x ``size`` square with a uniformly drawn centre, clipped at the border, with ``fill``.
 
     DeVries & Taylor, "Improved Regularization of Convolutional Neural Networks with Cutout", arXiv:1708.04552.
-    Applied to the normalized tensor, as in the paper's code, so the square holds the dataset mean.
+    The paper's code zeroes the normalized tensor, so the square holds the dataset mean: on normalized images keep
+    ``fill=(0.0,)``, on [0, 1] pixels pass the per-channel mean.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, fill: Sequence[float] = (0.0,)) -> None:
         super().__init__()
         if size < 1:
             raise ValueError(f"cutout size must be >= 1, got {size}")
         self.size = size
+        self.fill = tuple(float(value) for value in fill)
 
     def forward(self, image: Tensor) -> Tensor:
         h, w = image.shape[-2:]
         cy = torch.randint(0, h, (1,))
         cx = torch.randint(0, w, (1,))
-        return cutout(image.unsqueeze(0), cy, cx, self.size).squeeze(0)
+        return cutout(image.unsqueeze(0), cy, cx, self.size, self.fill).squeeze(0)
 
 
 PAPER_MAGNITUDE_LEVELS = 10
@@ -71,10 +74,12 @@ def build_train_transforms(
     cutout_size: int = 0,
     randaugment_num_ops: int = 0,
     randaugment_magnitude: int = 9,
+    normalize: bool = True,
 ) -> Callable:
-    """PIL image -> normalized float tensor: crop, flip, then RandAugment on the image (``randaugment_num_ops`` > 0),
-    then normalization and Cutout, the CIFAR order of AutoAugment/RandAugment. Without RandAugment the random ops are
-    those of :class:`~lit_methods.datamodules.fast.BatchAugment`, with the same distribution."""
+    """PIL image -> float tensor: crop, flip, then RandAugment on the image (``randaugment_num_ops`` > 0), then
+    normalization (unless ``normalize=False``: [0, 1] pixels) and Cutout, the CIFAR order of AutoAugment/RandAugment.
+    Cutout fills with the dataset mean either way (0 after normalization, ``mean`` in pixels). Without RandAugment
+    the random ops are those of :class:`~lit_methods.datamodules.fast.BatchAugment`, with the same distribution."""
     ops: list[Callable] = []
     if crop_padding:
         ops.append(v2.RandomCrop(image_size, padding=crop_padding, fill=0))
@@ -82,10 +87,16 @@ def build_train_transforms(
         ops.append(v2.RandomHorizontalFlip())
     if randaugment_num_ops:
         ops.append(randaugment(randaugment_num_ops, randaugment_magnitude))
-    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    ops += tensor_ops(mean, std, normalize)
     if cutout_size:
-        ops.append(Cutout(cutout_size))
+        ops.append(Cutout(cutout_size, fill=(0.0,) if normalize else mean))
     return v2.Compose(ops)
+
+
+def tensor_ops(mean: Sequence[float], std: Sequence[float], normalize: bool = True) -> list[Callable]:
+    """PIL image -> ``float32`` tensor in [0, 1], then ``Normalize(mean, std)`` when ``normalize``."""
+    ops: list[Callable] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    return ops + [v2.Normalize(list(mean), list(std))] if normalize else ops
 
 
 class MultiView:
@@ -126,10 +137,12 @@ def build_ssl_view_transforms(
     image_size: tuple[int, int],
     min_scale: float = 0.08,
     max_scale: float = 1.0,
+    normalize: bool = True,
 ) -> Callable:
     """One SimCLR view for CIFAR-sized images (Chen et al. 2020, arXiv:2002.05709, appendix B.9): random resized
     crop to ``image_size`` covering ``min_scale`` to ``max_scale`` of the area, flip, colour jitter
-    (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization. The per-image counterpart of
+    (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization (unless ``normalize=False``: [0, 1]
+    pixels). The per-image counterpart of
     :class:`lit_methods.datamodules.ssl_views.SSLViewAugment`; a multi-crop local view is this with a small ``image_size``."""
     validate_scale("(min_scale, max_scale)", (min_scale, max_scale))
     return v2.Compose(
@@ -138,13 +151,11 @@ def build_ssl_view_transforms(
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
+            *tensor_ops(mean, std, normalize),
         ]
     )
 
 
-def build_eval_transforms(mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """PIL image -> normalized float tensor, no randomness."""
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+def build_eval_transforms(mean: Sequence[float], std: Sequence[float], normalize: bool = True) -> Callable:
+    """PIL image -> normalized float tensor (``normalize=False``: [0, 1] pixels), no randomness."""
+    return v2.Compose(tensor_ops(mean, std, normalize))

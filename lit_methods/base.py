@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.datamodules.normalization import Normalize
 
 __all__ = [
@@ -488,8 +489,9 @@ class ImageClassifier(MethodBase):
         return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        """Forward one batch; returns ``(loss, logits, targets)``."""
-        images, targets = batch[0], batch[1]
+        """Forward one batch (named fields, or an ``(inputs, targets)`` tuple); returns ``(loss, logits, targets)``."""
+        batch = as_batch(batch)
+        images, targets = batch["inputs"], batch["targets"]
         logits = self(images)
         return self.compute_loss(logits, targets), logits, targets
 
@@ -521,5 +523,4 @@ class ImageClassifier(MethodBase):
         return self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).softmax(dim=1)
+        return self(as_batch(batch)["inputs"]).softmax(dim=1)

@@ -41,7 +41,7 @@ __all__ = [
     "resolve_config_path",
 ]
 
-DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "num_subgroups")
+DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "inputs_normalized", "num_subgroups")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 REDACTED = "<redacted>"
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}

@@ -15,10 +15,12 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from sklearn.cluster import KMeans
 
 from lit_methods.datamodules.digits import DigitsDataModule, load_digits_uint8
 from lit_methods.datamodules.fast import BatchAugment
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.ssl.clustering_metrics import clustering_accuracy
 from lit_methods.ssl.mlc import MLC
 from lit_methods.ssl.tcr import TCRPretrain
@@ -29,10 +31,13 @@ def run(seed: int, eta: float, tcr_start: bool, args: argparse.Namespace) -> dic
     images, labels = load_digits_uint8()
     keep = labels < args.classes
     images, labels = images[keep], labels[keep]
-    augment = BatchAugment(
-        DigitsDataModule.mean, DigitsDataModule.std, crop_padding=1, horizontal_flip=False, seed=seed
-    )
-    plain = augment.normalize(images)
+    normalize = Normalize(DigitsDataModule.mean, DigitsDataModule.std)
+    crop = BatchAugment(crop_padding=1, horizontal_flip=False, seed=seed)
+
+    def augment(batch: Tensor) -> Tensor:
+        return normalize(crop(batch))
+
+    plain = normalize(images)
     torch.manual_seed(seed)
     tcr = TCRPretrain(TinyMLP(), num_classes=args.classes, hidden_dim=args.hidden_dim, feature_dim=args.feature_dim)
     if tcr_start:

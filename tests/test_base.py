@@ -145,7 +145,8 @@ def test_validation_metrics_equal_a_direct_computation(tmp_path):
     logits, labels = [], []
     with torch.no_grad():
         for batch in data.val_dataloader():
-            images, y = data.on_after_batch_transfer(batch, 0)
+            batch = data.on_after_batch_transfer(batch, 0)
+            images, y = batch["inputs"], batch["targets"]
             logits.append(model(images))
             labels.append(y)
     logits, labels = torch.cat(logits), torch.cat(labels)
@@ -154,6 +155,28 @@ def test_validation_metrics_equal_a_direct_computation(tmp_path):
     top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
     assert metrics["val/acc_top5"] == pytest.approx(top5)
     assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_plain_tuple_dataloaders_train_validate_and_predict(tmp_path):
+    """A torchvision-style loader of (images, labels) tuples (no datamodule) works as the named batches do."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=16)
+    model = ImageClassifier(tiny_net(), lr=0.05)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(model, train_dataloaders=loader)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    (metrics,) = trainer(tmp_path).validate(model, dataloaders=loader, verbose=False)
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+        named = model.shared_step({"inputs": images, "targets": labels}, "val")
+        positional = model.shared_step((images, labels), "val")
+    assert metrics["val/acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    torch.testing.assert_close(named[0], positional[0])
+    inputs_only = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=16)
+    predictions = torch.cat(trainer(tmp_path).predict(model, dataloaders=inputs_only))
+    torch.testing.assert_close(predictions, logits.softmax(1))
 
 
 def test_training_on_real_digits_learns(tmp_path):

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from lit_methods.cli import LitMethodsCLI, main, redact_namespace, redact_secrets, resolve_config_path
 from lit_methods.registry import METHODS
+from tests.downstream_project.augments import ConstantPixels
 from tests.downstream_project.focal import FocalLossClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +196,36 @@ def test_an_explicit_data_fact_that_disagrees_with_the_data_is_an_error(in_tmp_d
     # agreeing values (an int image size for a square image) are accepted
     cli = LitMethodsCLI(args=["--config", QUICKSTART, *CPU, "--model.backbone.image_size=28"], run=False)
     assert cli.model.backbone.image_size == (28, 28)
+
+
+class RecordInputs(Callback):
+    def __init__(self) -> None:
+        self.train: list[torch.Tensor] = []
+        self.val: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.train.append(batch["inputs"].clone())
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val.append(batch["inputs"].clone())
+
+
+def test_an_augment_given_by_class_path_transforms_training_batches_only(in_tmp_dir):
+    augment = ["--data.augment=tests.downstream_project.augments.ConstantPixels", "--data.augment.value=200"]
+    model = ["--model=lit_methods.ImageClassifier", *TINY_CONVNET]
+    cli = LitMethodsCLI(args=[*model, *DIGITS, *augment, *CPU, *TINY_FIT, "--trainer.logger=false"], run=False)
+    data = cli.datamodule
+    assert isinstance(data.augment, ConstantPixels) and data.augment.value == 200
+    record = RecordInputs()
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=data)
+    mean, std = data.mean[0], data.std[0]
+    assert len(record.train) == 2
+    for inputs in record.train:  # the augment's constant image, then normalization
+        torch.testing.assert_close(inputs, torch.full_like(inputs, (200 / 255 - mean) / std))
+    assert record.val  # the sanity check's batches: evaluation skips the augment, the normalized test images in order
+    torch.testing.assert_close(torch.cat(record.val), data.to_inputs(data.test_images[: 32 * len(record.val)]))
+    seed = np.random.SeedSequence([data.seed, 0, 0]).generate_state(1)[0]
+    assert data.augment.generator.initial_seed() == seed  # re-seeded from (seed, rank, epoch)
+    with pytest.raises(ValueError, match=r"give either augment=.* or the flags of the default augment.*'cutout_size'"):
+        LitMethodsCLI(args=[*model, *DIGITS, *augment, "--data.cutout_size=2", *CPU], run=False)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from lit_methods.base import ImageClassifier
+from lit_methods.datamodules.batch import as_batch
 
 __all__ = ["BDKD", "BDKDLoss"]
 
@@ -134,7 +135,8 @@ class BDKD(ImageClassifier):
         self.val_teacher_acc = MulticlassAccuracy(self.num_classes, average="micro")
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        images, targets = batch["inputs"], batch["targets"]
         student_logits = self(images)
         if stage != "train":
             loss = self.compute_loss(student_logits, targets)

@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from lit_methods.robustness.adversarial_finetune import AdversarialFineTune, SlowStartFastDecay
-from lit_methods.robustness.attacks import PixelNormalization, pgd_linf
+from lit_methods.robustness.attacks import pgd_linf
 
-__all__ = ["AdversarialFineTune", "PixelNormalization", "SlowStartFastDecay", "pgd_linf"]
+__all__ = ["AdversarialFineTune", "SlowStartFastDecay", "pgd_linf"]

@@ -18,9 +18,15 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_methods.base import ImageClassifier, read_checkpoint
-from lit_methods.robustness.attacks import PixelNormalization, check_attack_arguments, pgd_linf
+from lit_methods.datamodules.batch import as_batch
+from lit_methods.robustness.attacks import check_attack_arguments, pgd_linf
 
 __all__ = ["AdversarialFineTune", "SlowStartFastDecay"]
+
+NEEDS_PIXELS = (
+    "AdversarialFineTune attacks [0, 1] pixels and normalizes them itself, but {what}: build the datamodule with "
+    "normalize=False (in a config: data.init_args.normalize: false)"
+)
 
 
 class SlowStartFastDecay:
@@ -78,19 +84,21 @@ class AdversarialFineTune(ImageClassifier):
     """PGD adversarial training (Madry et al., arXiv:1706.06083) of a classifier, by default as the paper's
     adversarial fine-tuning of a pre-trained one with the slow-start, fast-decay learning rate stepped every step.
 
-    Every training batch is replaced by its L-infinity PGD examples (crafted in [0, 1] pixel space: the batch is
-    un-normalized with ``mean``/``std`` and the model sees it normalized again) and the model minimises their
-    cross-entropy; ``train/acc`` is the accuracy on those adversarial examples. Validation and test log the clean
-    metrics of :class:`~lit_methods.ImageClassifier` and the accuracy under PGD with ``eval_attack_steps`` steps as
-    ``val/robust_acc`` / ``test/robust_acc`` (the attack runs with gradients enabled even under the trainer's
-    inference mode).
+    The model works in [0, 1] pixel space: it needs data that is not normalized (``normalize: false`` on the
+    datamodule, hence ``inputs_normalized=False``) and applies its own :class:`~lit_methods.datamodules.Normalize`
+    (``mean``, ``std``) in :meth:`forward`, before the backbone. Every training batch is replaced by its L-infinity
+    PGD examples (crafted on the pixels) and the model minimises their cross-entropy; ``train/acc`` is the accuracy
+    on those adversarial examples. Validation and test log the clean metrics of :class:`~lit_methods.ImageClassifier`
+    and the accuracy under PGD with ``eval_attack_steps`` steps as ``val/robust_acc`` / ``test/robust_acc`` (the
+    attack runs with gradients enabled even under the trainer's inference mode).
 
     Args:
         backbone: the classifier of normalized images (pre-trained, or loaded from ``pretrained_checkpoint``).
-        mean: per-channel normalization mean of the data, in [0, 1] units (the datamodule's ``mean``; the CLI
-            fills it from the data; the default is unnormalized data, and ``setup`` refuses a value that differs
-            from the datamodule's).
-        std: per-channel normalization standard deviation of the data (the datamodule's ``std``).
+        mean: per-channel normalization mean in [0, 1] units, applied by the model (the datamodule's ``mean``; the
+            CLI fills it from the data; ``setup`` refuses a value that differs from the datamodule's).
+        std: per-channel normalization standard deviation (the datamodule's ``std``).
+        inputs_normalized: whether the data arrives normalized (the datamodule's ``inputs_normalized``, filled by
+            the CLI); must be ``False``: construction refuses ``True``, and ``setup`` a datamodule that normalizes.
         eps: L-infinity radius in [0, 1] pixel units (paper: 8/255).
         alpha: PGD step size (paper: 2/255).
         attack_steps: PGD steps when training (paper: 10; 7 to 10 are common).
@@ -114,12 +122,14 @@ class AdversarialFineTune(ImageClassifier):
     """
 
     lr_schedules = (*ImageClassifier.lr_schedules, "slow_start_fast_decay")
+    requires_pixel_inputs = True
 
     def __init__(
         self,
         backbone: nn.Module,
         mean: tuple[float, ...] = (0.0,),
         std: tuple[float, ...] = (1.0,),
+        inputs_normalized: bool = False,
         eps: float = 8 / 255,
         alpha: float = 2 / 255,
         attack_steps: int = 10,
@@ -134,13 +144,16 @@ class AdversarialFineTune(ImageClassifier):
         test_autoattack: bool = False,
         **kwargs: Any,
     ) -> None:
+        if inputs_normalized:
+            raise ValueError(NEEDS_PIXELS.format(what="inputs_normalized=True"))
         check_attack_arguments(eps, alpha, attack_steps)
         check_attack_arguments(eps, alpha, eval_attack_steps)
         check_schedule_arguments(warmup_fraction, decay, final_lr_fraction)
         if attack_bn_mode not in ("eval", "train"):
             raise ValueError(f"attack_bn_mode must be 'eval' or 'train', got {attack_bn_mode!r}")
-        super().__init__(backbone, lr_schedule=lr_schedule, **kwargs)
-        self.normalization = PixelNormalization(tuple(mean), tuple(std))
+        super().__init__(
+            backbone, lr_schedule=lr_schedule, mean=mean, std=std, inputs_normalized=inputs_normalized, **kwargs
+        )
         self.eps = eps
         self.alpha = alpha
         self.attack_steps = attack_steps
@@ -170,9 +183,11 @@ class AdversarialFineTune(ImageClassifier):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
+        if getattr(datamodule, "inputs_normalized", False):
+            raise ValueError(NEEDS_PIXELS.format(what=f"{type(datamodule).__name__} yields normalized inputs"))
         for name in ("mean", "std"):
             expected = getattr(datamodule, name, None)
-            ours = getattr(self.normalization, name).flatten().cpu()
+            ours = getattr(self.normalize, name).flatten().cpu()
             if expected is not None and not torch.allclose(ours, torch.tensor(expected, dtype=torch.float32)):
                 raise ValueError(
                     f"the model was given {name}={tuple(ours.tolist())} but the datamodule has {name}={expected}"
@@ -182,34 +197,31 @@ class AdversarialFineTune(ImageClassifier):
             self._pretrained_loaded = True
 
     # -- the attack ----------------------------------------------------------------------------------------------
-    def forward_pixels(self, pixels: Tensor) -> Tensor:
-        """Logits of [0, 1] pixel images."""
-        return self(self.normalization(pixels))
-
-    def adversarial_pixels(self, images: Tensor, targets: Tensor, steps: int) -> Tensor:
-        """PGD examples, in [0, 1] pixels, of a batch of normalized ``images``."""
-        pixels = self.normalization.inverse(images).clamp(0.0, 1.0)
-        return pgd_linf(self.forward_pixels, pixels, targets, self.eps, self.alpha, steps, self.random_start)
+    def adversarial_pixels(self, pixels: Tensor, targets: Tensor, steps: int) -> Tensor:
+        """PGD examples, in [0, 1] pixels, of a batch of [0, 1] ``pixels``."""
+        return pgd_linf(self, pixels, targets, self.eps, self.alpha, steps, self.random_start)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        pixels, targets = batch["inputs"], batch["targets"]
         was_training = self.backbone.training
         self.backbone.train(self.attack_bn_mode == "train")
         try:
-            adversarial = self.adversarial_pixels(images, targets, self.attack_steps)
+            adversarial = self.adversarial_pixels(pixels, targets, self.attack_steps)
         finally:
             self.backbone.train(was_training)
-        loss, logits, targets = self.shared_step((self.normalization(adversarial), targets), "train")
+        loss, logits, targets = self.shared_step({"inputs": adversarial, "targets": targets}, "train")
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self._update_metrics("train", logits, targets)
         return loss
 
     def _robust_step(self, batch: Any, stage: str) -> None:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        pixels, targets = batch["inputs"], batch["targets"]
         with torch.inference_mode(False), torch.enable_grad():
-            adversarial = self.adversarial_pixels(images.clone(), targets.clone(), self.eval_attack_steps)
+            adversarial = self.adversarial_pixels(pixels.clone(), targets.clone(), self.eval_attack_steps)
             with torch.no_grad():
-                logits = self.forward_pixels(adversarial)
+                logits = self(adversarial)
         metric = getattr(self, f"{stage}_robust_acc")
         metric.update(logits, targets)
         self.log(f"{stage}/robust_acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
@@ -229,13 +241,13 @@ class AdversarialFineTune(ImageClassifier):
     def _autoattack_step(self, batch: Any) -> None:
         import torchattacks
 
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        pixels, targets = batch["inputs"], batch["targets"]
         # in evaluation mode like the backbone: torchattacks puts a model that looks trained back into training mode
-        pixel_model = nn.Sequential(self.normalization, self.backbone).train(self.backbone.training)
+        pixel_model = nn.Sequential(self.normalize, self.backbone).train(self.backbone.training)
         attack = torchattacks.AutoAttack(pixel_model, norm="Linf", eps=self.eps, n_classes=self.num_classes, seed=0)
         with torch.inference_mode(False), torch.enable_grad():
-            pixels = self.normalization.inverse(images.clone()).clamp(0.0, 1.0)
-            adversarial = attack(pixels, targets.clone())
+            adversarial = attack(pixels.clone(), targets.clone())
             with torch.no_grad():
                 logits = pixel_model(adversarial)
         self.test_autoattack_acc.update(logits, targets)

@@ -1,6 +1,7 @@
 """L-infinity PGD (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
-arXiv:1706.06083, https://arxiv.org/abs/1706.06083) on images in [0, 1], and the normalization layer that lets a model
-trained on normalized images be attacked in pixel space.
+arXiv:1706.06083, https://arxiv.org/abs/1706.06083) on images in [0, 1]. A classifier of normalized images is
+attacked in pixel space behind :class:`lit_methods.datamodules.Normalize`
+(``nn.Sequential(Normalize(mean, std), model)``).
 
 The attack follows the update of ``torchattacks.PGD`` (3.3.0), which the tests compare it with: optional uniform
 random start in the eps-ball, ``steps`` signed-gradient steps of size ``alpha`` on the mean cross-entropy, projection
@@ -10,13 +11,13 @@ model's parameter gradients are never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["PixelNormalization", "check_attack_arguments", "pgd_linf"]
+__all__ = ["check_attack_arguments", "pgd_linf"]
 
 
 def check_attack_arguments(eps: float, alpha: float, steps: int) -> None:
@@ -27,32 +28,6 @@ def check_attack_arguments(eps: float, alpha: float, steps: int) -> None:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-
-
-class PixelNormalization(nn.Module):
-    """``(x - mean) / std`` per channel, with its inverse: put it in front of a classifier of normalized images to
-    attack that classifier in [0, 1] pixel space (``nn.Sequential(PixelNormalization(mean, std), model)``).
-
-    Args:
-        mean: per-channel mean of the normalization, in [0, 1] units.
-        std: per-channel standard deviation of the normalization, in [0, 1] units.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != len(std):
-            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        return (pixels - self.mean) / self.std
-
-    def inverse(self, images: Tensor) -> Tensor:
-        """Normalized images back to [0, 1] pixels."""
-        return images * self.std + self.mean
 
 
 def pgd_linf(
@@ -67,8 +42,8 @@ def pgd_linf(
     """Untargeted L-infinity PGD adversarial examples of ``pixels`` (in [0, 1]) against ``model``.
 
     Args:
-        model: maps [0, 1] images to logits (e.g. preceded by :class:`PixelNormalization`); used in whatever
-            mode it is in.
+        model: maps [0, 1] images to logits (e.g. preceded by :class:`~lit_methods.datamodules.Normalize`); used
+            in whatever mode it is in.
         pixels: ``(N, C, H, W)`` clean images in [0, 1].
         targets: ``(N,)`` class indices.
         eps: radius of the L-infinity ball, in [0, 1] pixel units (CIFAR papers: 8/255).

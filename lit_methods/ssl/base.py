@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_methods.base import MethodBase, drop_object_hyperparameters
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.ssl.monitors import OnlineLinearProbe, WeightedKNNClassifier
 
 __all__ = ["SSLMethod", "mlp_projector"]
@@ -116,7 +117,9 @@ class SSLMethod(MethodBase):
         return {"probe": {"lr": self.probe_lr, "weight_decay": 0.0, "always_adapt": False}}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        views, targets = batch[0], batch[1]
+        """One step on ``{"views": [...], "targets": ...}`` (or a ``([view, ...], targets)`` tuple)."""
+        batch = as_batch(batch)
+        views, targets = batch.get("views", batch.get("inputs")), batch["targets"]
         if not isinstance(views, (list, tuple)) or len(views) < 2:
             raise ValueError(
                 "self-supervised training needs multi-view batches: set the datamodule's ssl_views=2 or more"
@@ -129,7 +132,8 @@ class SSLMethod(MethodBase):
         return loss + probe_loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        images, targets = batch["inputs"], batch["targets"]
         features = self(images)
         _, logits = self.probe(features, targets)
         self.probe_val_acc.update(logits, targets)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_methods.base import MethodBase, drop_object_hyperparameters
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.ssl.monitors import WeightedKNNClassifier
 
 __all__ = ["LinearEvaluation"]
@@ -123,7 +124,8 @@ class LinearEvaluation(MethodBase):
         return self.head(self.features(images))
 
     def _images_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        images, targets = batch.get("inputs"), batch["targets"]
         if not isinstance(images, Tensor):
             raise TypeError("linear evaluation needs single-view batches: set the datamodule's ssl_views=0")
         return images, targets

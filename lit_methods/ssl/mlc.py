@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_methods.base import read_checkpoint
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.losses.mcr2 import MCR2MembershipLoss, sinkhorn_membership
 from lit_methods.ssl.base import SSLMethod
 from lit_methods.ssl.clustering_metrics import MembershipSpectralClustering
@@ -149,8 +150,8 @@ class MLC(SSLMethod):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        images, targets = batch[0], batch[1]
-        self.clustering.update(self.cluster_head(self(images)), targets)
+        batch = as_batch(batch)
+        self.clustering.update(self.cluster_head(self(batch["inputs"])), batch["targets"])
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

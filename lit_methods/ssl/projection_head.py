@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.losses import NTXentLoss
 from lit_methods.losses.spectral_contrastive import SpectralContrastiveLoss
 from lit_methods.nets.heads import FixedReweightHead
@@ -144,6 +145,11 @@ class ProjectionHeadStudy(SSLMethod):
 
 
 @torch.no_grad()
+def _inputs_and_targets(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    batch = as_batch(batch)
+    return batch["inputs"].to(device), batch["targets"].to(device)
+
+
 def knn_accuracy_by_depth(
     model: ProjectionHeadStudy,
     bank_batches: Iterable[Any],
@@ -155,8 +161,8 @@ def knn_accuracy_by_depth(
 
     Args:
         model: the trained (or untrained) study module.
-        bank_batches: labelled ``(images, targets, ...)`` single-view batches forming the kNN bank (e.g. the
-            un-augmented training split).
+        bank_batches: labelled single-view batches (named fields, or ``(images, targets)`` tuples) forming the
+            kNN bank (e.g. the un-augmented training split).
         query_batches: labelled batches to classify (e.g. the test split).
         k: neighbours of the vote.
         temperature: vote temperature (``exp(cos / temperature)`` weights, the monitors' kNN).
@@ -172,11 +178,11 @@ def knn_accuracy_by_depth(
             for name in model.depth_names
         }
         for batch in bank_batches:
-            images, targets = batch[0].to(model.device), batch[1].to(model.device)
+            images, targets = _inputs_and_targets(batch, model.device)
             for name, features in model.features_by_depth(images).items():
                 metrics[name].update(bank_features=features.cpu(), bank_targets=targets.cpu())
         for batch in query_batches:
-            images, targets = batch[0].to(model.device), batch[1].to(model.device)
+            images, targets = _inputs_and_targets(batch, model.device)
             for name, features in model.features_by_depth(images).items():
                 metrics[name].update(test_features=features.cpu(), test_targets=targets.cpu())
         return {name: float(metric.compute()) for name, metric in metrics.items()}

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.ssl.base import SSLMethod
 
 __all__ = ["AttentionPooling", "Selfie"]
@@ -168,7 +169,10 @@ class Selfie(SSLMethod):
         return self.patch_features(x).mean(dim=1)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        if "views" in batch:
+            raise TypeError("Selfie trains on single images, not multi-view batches: set the datamodule's ssl_views=0")
+        images, targets = batch["inputs"], batch["targets"]
         if isinstance(images, (list, tuple)):
             raise TypeError("Selfie trains on single images, not multi-view batches: set the datamodule's ssl_views=0")
         loss, accuracy, features = self.selfie_loss(images)

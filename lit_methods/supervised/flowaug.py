@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_methods.base import MethodBase, drop_object_hyperparameters
+from lit_methods.datamodules.batch import as_batch
 
 __all__ = ["FlowAug", "FlowPretraining", "build_glow"]
 
@@ -127,12 +128,13 @@ class FlowPretraining(MethodBase):
         return (nll.mean() / dims + math.log(256.0)) / math.log(2.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.bits_per_dim(self.to_unit_range(batch[0]))
+        loss = self.bits_per_dim(self.to_unit_range(as_batch(batch)["inputs"]))
         self.log("train/bpd", loss, on_step=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val/bpd", self.bits_per_dim(self.to_unit_range(batch[0])), on_epoch=True, sync_dist=True)
+        bits_per_dim = self.bits_per_dim(self.to_unit_range(as_batch(batch)["inputs"]))
+        self.log("val/bpd", bits_per_dim, on_epoch=True, sync_dist=True)
 
     def make_default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """Adam at ``lr`` (the flow's default optimizer)."""

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from lit_methods.base import ImageClassifier
+from lit_methods.datamodules.batch import as_batch
 
 __all__ = ["HardBatchClassifier"]
 
@@ -33,16 +34,17 @@ class HardBatchClassifier(ImageClassifier):
     """
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        if len(batch) != 3:
+        batch = as_batch(batch)
+        if "batch_id" not in batch:
             raise ValueError(
-                f"HardBatchClassifier expects (images, labels, batch_id) training batches, got {len(batch)} items: "
+                f"HardBatchClassifier expects training batches with a batch_id field, got the fields {sorted(batch)}: "
                 "train it on lit_methods.datamodules.hard_batches.HardBatchDataModule"
             )
         loss = super().training_step(batch, batch_idx)
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "record_batch_losses"):
             raise RuntimeError("HardBatchClassifier needs a datamodule with record_batch_losses (HardBatchDataModule)")
-        batch_ids = self.all_gather(batch[2]).reshape(-1)
+        batch_ids = self.all_gather(batch["batch_id"]).reshape(-1)
         losses = self.all_gather(loss.detach()).reshape(-1)
         datamodule.record_batch_losses(batch_ids, losses)
         return loss

@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lit_methods.base import ImageClassifier
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.nets.multi_sample_dropout import MultiSampleDropoutHead
 
 __all__ = ["MultiSampleDropoutClassifier", "multi_sample_loss"]
@@ -47,7 +48,8 @@ class MultiSampleDropoutClassifier(ImageClassifier):
         return self.head(self.backbone.forward_features(self.normalize_inputs(x)))
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        images, targets = batch[0], batch[1]
+        batch = as_batch(batch)
+        images, targets = batch["inputs"], batch["targets"]
         logits = self(images)
         if logits.dim() == 2:
             return self.compute_loss(logits, targets), logits, targets

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_methods.base import ImageClassifier
+from lit_methods.datamodules.batch import as_batch
 from lit_methods.supervised.flowaug import FlowAug
 
 __all__ = ["MacroStd", "SubgroupClassifier"]
@@ -64,7 +65,7 @@ class MacroStd(Metric):
 
 class SubgroupClassifier(ImageClassifier):
     """:class:`~lit_methods.ImageClassifier` that also reports subgroup discrepancy on test batches
-    ``(images, labels, subgroups)`` (e.g. from :class:`lit_methods.datamodules.CIFAR10BDataModule`): ``test/macro_std`` and
+    with a ``subgroup`` field (e.g. from :class:`lit_methods.datamodules.CIFAR10BDataModule`): ``test/macro_std`` and
     ``test/worst_subgroup_acc`` (the lowest accuracy over the non-empty (class, subgroup) cells). With
     ``flow_augmentation`` the training images pass through :class:`~lit_methods.supervised.FlowAug` (the paper's
     semantic augmentation) after the datamodule's augmentation.
@@ -84,11 +85,12 @@ class SubgroupClassifier(ImageClassifier):
         self.test_macro_std = MacroStd(self.num_classes, num_subgroups)
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor]:
+        batch = as_batch(batch)
         if stage == "train" and self.flow_augmentation is not None:
-            batch = (self.flow_augmentation(batch[0]), *batch[1:])
+            batch["inputs"] = self.flow_augmentation(batch["inputs"])
         loss, logits, targets = super().shared_step(batch, stage)
-        if stage == "test" and len(batch) > 2:
-            self.test_macro_std.update(logits.detach(), targets, batch[2])
+        if stage == "test" and "subgroup" in batch:
+            self.test_macro_std.update(logits.detach(), targets, batch["subgroup"])
         return loss, logits, targets
 
     def on_test_epoch_end(self) -> None:

@@ -49,7 +49,7 @@ class RecordGradients(Callback):
         self.gradients: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batches.append((batch[0].clone(), batch[1].clone()))
+        self.batches.append((batch["inputs"].clone(), batch["targets"].clone()))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         names, params = zip(*pl_module.named_parameters())

@@ -326,7 +326,7 @@ class RecordBatches(Callback):
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append((batch[0].clone(), batch[1].clone()))
+        self.batches.append((batch["inputs"].clone(), batch["targets"].clone()))
 
 
 def _ddp_fit(virtual_batch_size: int, steps: int) -> dict:

@@ -15,6 +15,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 import lit_methods.datamodules.cifar as cifar_module
 from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.datamodules.cifar import (
     CIFAR10DataModule,
     CIFAR10LTDataModule,
@@ -210,17 +211,20 @@ def test_fast_loaders_yield_uint8_and_val_is_normalized_only(cifar10: tuple[Path
     assert dm.val_images is not None
     train_loader = dm.train_dataloader()
     assert len(train_loader) == math.ceil(90 / 8)
-    images, labels = next(iter(train_loader))
+    batch = next(iter(train_loader))
+    images, labels = batch["inputs"], batch["targets"]
+    assert set(batch) == {"inputs", "targets"}
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
 
     val_batches = list(dm.val_dataloader())
-    assert [len(b[0]) for b in val_batches] == [4, 4, 2]
-    images, labels = val_batches[0]
+    assert [len(b["inputs"]) for b in val_batches] == [4, 4, 2]
+    images, labels = val_batches[0]["inputs"], val_batches[0]["targets"]
     assert images.dtype == torch.uint8
     torch.testing.assert_close(images, dm.val_images[:4])  # evaluation is not shuffled
-    out, out_labels = dm.on_after_batch_transfer((images, labels), 0)  # no trainer: normalize only
-    assert out.dtype == torch.float32 and out.shape == (4, 3, 32, 32)
-    assert out_labels is labels
+    out = dm.on_after_batch_transfer(val_batches[0], 0)  # no trainer: normalize only
+    assert out["inputs"].dtype == torch.float32 and out["inputs"].shape == (4, 3, 32, 32)
+    assert out["targets"] is labels
+    out = out["inputs"]
     np.testing.assert_allclose(out.numpy(), normalized(images, dm.mean, dm.std), rtol=0, atol=1e-5)
 
 
@@ -236,14 +240,15 @@ def test_fast_path_training_batches_are_augmented(cifar10: tuple[Path, CIFARArra
 
     dm = CIFAR10DataModule(data_dir=root, batch_size=32, crop_padding=4)
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    images, labels = batch["inputs"], batch["targets"]
     dm.trainer = FakeTrainer()  # type: ignore[assignment]
-    out, _ = dm.on_after_batch_transfer((images, labels), 0)
+    out = dm.on_after_batch_transfer(batch, 0)["inputs"]
     assert out.dtype == torch.float32 and out.shape == images.shape
     assert not torch.allclose(out, torch.from_numpy(normalized(images, dm.mean, dm.std)).float())
     # On all-white images, the crop's zero padding is the only source of black, with CIFAR-10's statistics.
     white = torch.full((32, 3, 32, 32), 255, dtype=torch.uint8)
-    out, _ = dm.on_after_batch_transfer((white, labels), 0)
+    out = dm.on_after_batch_transfer({"inputs": white, "targets": labels}, 0)["inputs"]
     levels = sorted((value - m) / s for m, s in zip(dm.mean, dm.std) for value in (0.0, 1.0))
     torch.testing.assert_close(out.unique(), torch.tensor(levels), rtol=0, atol=1e-5)
 
@@ -253,13 +258,50 @@ def test_torchvision_path_val_is_deterministic_and_normalized(cifar10: tuple[Pat
     dm = CIFAR10DataModule(data_dir=root, val_split=6, batch_size=5, fast_loader=False, num_workers=0)
     dm.setup("fit")
     assert dm.val_images is not None
-    first = torch.cat([images for images, _ in dm.val_dataloader()])
-    second = torch.cat([images for images, _ in dm.val_dataloader()])
+    first = torch.cat([batch["inputs"] for batch in dm.val_dataloader()])
+    second = torch.cat([batch["inputs"] for batch in dm.val_dataloader()])
     assert first.dtype == torch.float32 and first.shape == (6, 3, 32, 32)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     np.testing.assert_allclose(first.numpy(), normalized(dm.val_images, dm.mean, dm.std), rtol=0, atol=1e-5)
-    images, labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    images, labels = batch["inputs"], batch["targets"]
     assert images.dtype == torch.float32 and images.shape == (5, 3, 32, 32) and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("fast_loader", [True, False])
+def test_normalize_false_yields_pixels_in_the_unit_range(cifar10: tuple[Path, CIFARArrays], fast_loader: bool) -> None:
+    """normalize=False: the same batches as the default, before the normalization step ([0, 1] float32 pixels);
+    Cutout fills with the mean pixel in both spaces (0 once normalized)."""
+    root, _ = cifar10
+
+    class FakeTrainer:
+        training = True
+        current_epoch = 0
+        global_rank = 0
+        world_size = 1
+
+    kwargs = dict(data_dir=root, val_split=6, batch_size=6, fast_loader=fast_loader, num_workers=0)
+    pixels_dm = CIFAR10DataModule(normalize=False, **kwargs)
+    normalized_dm = CIFAR10DataModule(**kwargs)
+    assert (pixels_dm.inputs_normalized, normalized_dm.inputs_normalized) == (False, True)
+    for dm in (pixels_dm, normalized_dm):
+        dm.setup("fit")
+    pixels = pixels_dm.on_after_batch_transfer(next(iter(pixels_dm.val_dataloader())), 0)["inputs"]
+    assert pixels.dtype == torch.float32
+    torch.testing.assert_close(pixels, pixels_dm.val_images.float() / 255, rtol=0, atol=1e-6)
+    expected = normalized_dm.on_after_batch_transfer(next(iter(normalized_dm.val_dataloader())), 0)["inputs"]
+    torch.testing.assert_close(Normalize(pixels_dm.mean, pixels_dm.std)(pixels), expected, rtol=0, atol=1e-5)
+
+    cutout_kwargs = kwargs | dict(crop_padding=0, horizontal_flip=False, cutout_size=8, seed=3)
+    mean = torch.tensor(pixels_dm.mean).view(1, 3, 1, 1)
+    for normalize in (False, True):
+        dm = CIFAR10DataModule(normalize=normalize, **cutout_kwargs)
+        dm.setup("fit")
+        dm.trainer = FakeTrainer()  # type: ignore[assignment]
+        torch.manual_seed(0)  # the torchvision path's Cutout draws from the global generator
+        batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+        fill = torch.zeros(1, 3, 1, 1) if normalize else mean
+        assert (batch["inputs"] == fill).all(dim=1).sum() >= 6 * 16  # every image has a square of at least 4 x 4
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------

@@ -37,13 +37,13 @@ class RecordBatches(L.LightningModule):
         self.train_images: list[Tensor] = []
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
+        images, labels = batch["inputs"], batch["targets"]
         self.train_seen.setdefault(self.current_epoch, []).extend(labels.tolist())
         self.train_images.append(images)
         return (self.weight * images.mean()).sum()
 
     def validation_step(self, batch, batch_idx):
-        self.val_seen.extend(batch[1].tolist())
+        self.val_seen.extend(batch["targets"].tolist())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)

@@ -101,15 +101,15 @@ def test_trains_one_epoch_through_the_fast_path(tmp_path) -> None:
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
             self.seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
 
-        def step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-            images, labels = batch
+        def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+            images, labels = batch["inputs"], batch["targets"]
             self.seen[stage].append(images)
             return nn.functional.cross_entropy(self.net(images), labels)
 
-        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             return self.step(batch, "train")
 
-        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
             self.step(batch, "val")
 
         def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -176,9 +176,10 @@ def test_fast_path_normalizes_one_channel(tmp_path: Path) -> None:
     write_fashion_mnist(tmp_path, n_train=40, n_test=12)
     dm = FashionMNISTDataModule(data_dir=tmp_path, val_split=0.25, batch_size=16)
     dm.setup("fit")
-    images, labels = next(iter(dm.val_dataloader()))
+    batch = next(iter(dm.val_dataloader()))
+    images = batch["inputs"]
     assert images.dtype == torch.uint8 and images.shape == (10, 1, 28, 28)
-    out, _ = dm.on_after_batch_transfer((images, labels), 0)
+    out = dm.on_after_batch_transfer(batch, 0)["inputs"]
     expected = (images.numpy().astype(np.float64) / 255.0 - 0.2860) / 0.3530
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
 

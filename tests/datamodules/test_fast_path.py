@@ -9,6 +9,7 @@ from PIL import Image
 from scipy.stats import chi2_contingency
 
 from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, cutout, random_crop
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.datamodules.transforms import build_train_transforms
 
 SIZE, PAD = 6, 2
@@ -42,8 +43,9 @@ def _classify(images: torch.Tensor, candidates: dict) -> list[int]:
 def test_crop_and_flip_distribution_matches_torchvision():
     candidates = _candidates()
     n = 6000
-    augment = BatchAugment(mean=(0.0,), std=(1 / 255,), crop_padding=PAD, seed=0)
-    fast = augment(_coded_image().expand(n, 1, SIZE, SIZE).contiguous()).round().to(torch.uint8)
+    augment = BatchAugment(crop_padding=PAD, seed=0)
+    fast = augment(_coded_image().expand(n, 1, SIZE, SIZE).contiguous())
+    assert fast.dtype == torch.uint8  # pixels: normalization is a separate step
     torch.manual_seed(0)
     transform = build_train_transforms((0.0,), (1 / 255,), (SIZE, SIZE), crop_padding=PAD)
     pil = Image.fromarray(_coded_image()[0, 0].numpy())
@@ -70,7 +72,7 @@ def _cutout_boxes(images: torch.Tensor) -> list[tuple[int, int, int, int]]:
 def test_cutout_distribution_matches_torchvision():
     n, size = 4000, 3
     ones = torch.full((n, 1, SIZE, SIZE), 255, dtype=torch.uint8)
-    augment = BatchAugment(mean=(0.0,), std=(1.0,), crop_padding=0, horizontal_flip=False, cutout_size=size, seed=1)
+    augment = BatchAugment(crop_padding=0, horizontal_flip=False, cutout_size=size, cutout_fill=(0.0,), seed=1)
     fast = _cutout_boxes(augment(ones))
     torch.manual_seed(1)
     transform = build_train_transforms((0.0,), (1.0,), (SIZE, SIZE), 0, False, cutout_size=size)
@@ -102,19 +104,32 @@ def test_random_crop_matches_padding_and_slicing():
         assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8])
 
 
-def test_normalize_matches_torchvision_normalize():
+def test_cutout_fills_with_the_mean_pixel_which_normalizes_to_exactly_zero():
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    augment = BatchAugment(crop_padding=0, horizontal_flip=False, cutout_size=3, cutout_fill=mean, seed=2)
+    pixels = augment(images)
+    assert pixels.dtype == torch.float32 and 0 <= pixels.min() and pixels.max() <= 1
+    cut = pixels != images.float() / 255
+    assert cut.any() and torch.equal(cut, cut[:, :1].expand_as(cut))  # the square covers every channel
+    normalized = Normalize(mean, std)(pixels)
+    assert (normalized[cut] == 0).all()  # as the paper's Cutout of the normalized image
+    torch.testing.assert_close(normalized[~cut], Normalize(mean, std)(images)[~cut])
+
+
+def test_normalize_of_uint8_matches_torchvision_normalize():
     images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    out = BatchAugment(mean, std).normalize(images)
+    out = Normalize(mean, std)(images)
     expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(out, expected)
 
 
 def test_augmentation_is_seeded():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
-    a = BatchAugment((0.5,) * 3, (0.25,) * 3, cutout_size=2, seed=3)
-    b = BatchAugment((0.5,) * 3, (0.25,) * 3, cutout_size=2, seed=3)
-    c = BatchAugment((0.5,) * 3, (0.25,) * 3, cutout_size=2, seed=4)
+    a = BatchAugment(cutout_size=2, cutout_fill=(0.5,) * 3, seed=3)
+    b = BatchAugment(cutout_size=2, cutout_fill=(0.5,) * 3, seed=3)
+    c = BatchAugment(cutout_size=2, cutout_fill=(0.5,) * 3, seed=4)
     first = a(images)
     assert torch.equal(first, b(images))
     assert not torch.equal(first, c(images))
@@ -122,12 +137,17 @@ def test_augmentation_is_seeded():
 
 
 @pytest.mark.parametrize(
-    "bad,match", [(dict(crop_padding=-1), "got -1"), (dict(cutout_size=-2), "got -2"), (dict(std=(0.0,)), r"\(0.0,\)")]
+    "bad,match",
+    [
+        (dict(crop_padding=-1), "got -1"),
+        (dict(cutout_size=-2), "got -2"),
+        (dict(cutout_size=2), "cutout_size=2 needs cutout_fill"),
+        (dict(cutout_size=2, cutout_fill=(128.0,)), r"\(128.0,\)"),
+    ],
 )
 def test_batch_augment_rejects_bad_arguments(bad, match):
-    kwargs = dict(mean=(0.5,), std=(0.5,)) | bad
     with pytest.raises(ValueError, match=match):
-        BatchAugment(**kwargs)
+        BatchAugment(**bad)
 
 
 def test_sampler_epochs_are_seeded_permutations():
@@ -180,5 +200,17 @@ def test_loader_gathers_the_sampled_rows():
     loader = InMemoryBatchLoader(images, labels, ShardedEpochSampler(10, 3, shuffle=True, seed=1))
     batches = list(loader)
     assert len(loader) == len(batches) == 4
-    for x, y in batches:
+    for batch in batches:
+        x, y = batch["inputs"], batch["targets"]
         assert x.dtype == torch.uint8 and torch.equal(x.flatten().long() * 2, y)
+
+
+def test_loader_gathers_named_extras_and_refuses_unknown_names():
+    images = torch.arange(10).view(10, 1, 1, 1).to(torch.uint8)
+    sampler = ShardedEpochSampler(10, 4, shuffle=True, seed=2)
+    loader = InMemoryBatchLoader(images, torch.arange(10), sampler, extras={"subgroup": -torch.arange(10)})
+    for batch in loader:
+        assert set(batch) == {"inputs", "targets", "subgroup"}
+        assert torch.equal(batch["subgroup"], -batch["inputs"].flatten().long())
+    with pytest.raises(ValueError, match=r"unknown extra batch fields \['group'\]"):
+        InMemoryBatchLoader(images, torch.arange(10), sampler, extras={"group": images})

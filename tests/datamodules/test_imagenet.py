@@ -25,6 +25,7 @@ from lit_methods.datamodules.imagenet import (
     TinyImageNetDataModule,
     read_class_list,
 )
+from lit_methods.datamodules.normalization import Normalize
 from tests.datamodules.imagenet_formats import (
     REAL_WNIDS,
     WrittenImageNet,
@@ -44,7 +45,8 @@ def _wnids_of_items(dataset, written: WrittenImageNet) -> list[tuple[str, int]]:
     """(wnid the image was written for, label it came back with) for every item of a dataset."""
     pairs = []
     for i in range(len(dataset)):
-        image, label = dataset[i]
+        item = dataset[i]
+        image, label = item["inputs"], item["targets"]
         pairs.append((written.code_wnid[colour_code(image.numpy())], label))
     return pairs
 
@@ -240,12 +242,12 @@ def test_val_split_is_disjoint_seeded_and_uses_eval_transforms(
         path, label = val.dataset.samples[val.indices[i]]
         with Image.open(path) as image:
             expected = eval_transform(image.convert("RGB"))
-        image, got_label = val[i]
+        image, got_label = val[i]["inputs"], val[i]["targets"]
         assert got_label == label and image.shape == (3, 32, 32)
         torch.testing.assert_close(image, expected, atol=0, rtol=0)
-        torch.testing.assert_close(val[i][0], image, atol=0, rtol=0)
+        torch.testing.assert_close(val[i]["inputs"], image, atol=0, rtol=0)
     torch.manual_seed(0)
-    first, second = train[0][0], train[0][0]
+    first, second = train[0]["inputs"], train[0]["inputs"]
     assert first.shape == (3, 32, 32) and not torch.equal(first, second)
     assert len(dm.val_dataloader().dataset) == 3
     dm.setup("test")
@@ -260,11 +262,27 @@ def test_val_split_zero_validates_on_val_folder_and_batches(small_imagenet: tupl
     assert dm.train_dataset is None
     loader = dm.val_dataloader()
     assert loader.dataset is dm.test_dataset and len(loader.dataset) == len(written.files["val"])
-    images, labels = next(iter(loader))
+    batch = next(iter(loader))
+    images, labels = batch["inputs"], batch["targets"]
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    images, labels = batch["inputs"], batch["targets"]
     assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= set(range(5))
+
+
+def test_normalize_false_yields_the_same_images_as_pixels(small_imagenet: tuple[Path, WrittenImageNet]) -> None:
+    root, _ = small_imagenet
+    class_list = write_class_list(root / "classes.txt", list(REAL_WNIDS))
+    kwargs = dict(data_dir=root, class_list=class_list, image_size=32, batch_size=4, num_workers=0)
+    normalized, pixels = ImageNetDataModule(**kwargs), ImageNetDataModule(normalize=False, **kwargs)
+    assert (normalized.inputs_normalized, pixels.inputs_normalized) == (True, False)
+    for dm in (normalized, pixels):
+        dm.setup("validate")
+    expected = next(iter(normalized.val_dataloader()))["inputs"]
+    got = next(iter(pixels.val_dataloader()))["inputs"]
+    assert 0 <= got.min() and got.max() <= 1
+    torch.testing.assert_close(Normalize(normalized.mean, normalized.std)(got), expected, rtol=0, atol=1e-5)
 
 
 def test_missing_imagenet_folders_are_explained(tmp_path: Path) -> None:
@@ -289,7 +307,7 @@ def test_corrupted_images_are_named_when_loaded(small_imagenet: tuple[Path, Writ
     for broken in (garbage, truncated):
         with pytest.raises(RuntimeError, match=broken.name):
             dm.train_dataset[paths.index(str(broken))]
-    assert dm.train_dataset[0][0].shape == (3, 40, 48)
+    assert dm.train_dataset[0]["inputs"].shape == (3, 40, 48)
 
 
 # -- Tiny-ImageNet ----------------------------------------------------------------------------------------------------
@@ -319,7 +337,7 @@ def test_tiny_imagenet_loaders_and_training(tiny) -> None:
     assert len(dm.train_labels) == 360 and len(dm.val_labels) == 40 and dm.test_images is None
     torchvision_path = TinyImageNetDataModule(data_dir=tiny.root.parent, fast_loader=False, batch_size=8, num_workers=0)
     torchvision_path.setup("fit")
-    images, labels = next(iter(torchvision_path.train_dataloader()))
+    images = next(iter(torchvision_path.train_dataloader()))["inputs"]
     assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
 
     class Probe(L.LightningModule):
@@ -329,12 +347,12 @@ def test_tiny_imagenet_loaders_and_training(tiny) -> None:
             self.seen: list[tuple[tuple[int, ...], torch.dtype]] = []
 
         def training_step(self, batch, batch_idx):
-            x, y = batch
+            x, y = batch["inputs"], batch["targets"]
             self.seen.append((tuple(x.shape), x.dtype))
             return F.cross_entropy(self.fc(x.flatten(1)), y)
 
         def validation_step(self, batch, batch_idx):
-            x, y = batch
+            x = batch["inputs"]
             self.seen.append((tuple(x.shape), x.dtype))
 
         def configure_optimizers(self):

@@ -16,7 +16,8 @@ from lit_methods.datamodules.digits import DigitsDataModule
 from lit_methods.base import ImageClassifier
 from lit_methods.nets import ConvNet
 from lit_methods.robustness.adversarial_finetune import AdversarialFineTune, SlowStartFastDecay
-from lit_methods.robustness.attacks import PixelNormalization, pgd_linf
+from lit_methods.datamodules import Normalize
+from lit_methods.robustness.attacks import pgd_linf
 from tests.helpers import cpu_trainer
 
 torchattacks = pytest.importorskip("torchattacks")
@@ -44,7 +45,7 @@ def _digit_pixels(count: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("random_start", [False, True])
 def test_pgd_equals_torchattacks_pgd(random_start):
-    model = nn.Sequential(PixelNormalization(MEAN, STD), _backbone()).eval()
+    model = nn.Sequential(Normalize(MEAN, STD), _backbone()).eval()
     pixels, labels = _digit_pixels()
     eps, alpha, steps = 0.1, 0.02, 7
     torch.manual_seed(1)
@@ -57,7 +58,7 @@ def test_pgd_equals_torchattacks_pgd(random_start):
 
 
 def test_attack_touches_neither_parameter_gradients_nor_inputs():
-    model = nn.Sequential(PixelNormalization(MEAN, STD), _backbone()).eval()
+    model = nn.Sequential(Normalize(MEAN, STD), _backbone()).eval()
     pixels, labels = _digit_pixels(16)
     before = pixels.clone()
     pgd_linf(model, pixels, labels, 0.1, 0.02, 3)
@@ -85,7 +86,7 @@ def test_attack_bn_mode_decides_whether_the_attack_updates_running_statistics(at
         lr_schedule="constant",
     )
     counter = BatchNormSteps()
-    data = DigitsDataModule(batch_size=32, num_workers=0)
+    data = DigitsDataModule(batch_size=32, num_workers=0, normalize=False)
     cpu_trainer(max_steps=1, limit_val_batches=0, callbacks=[counter]).fit(model, datamodule=data)
     assert counter.tracked == expected_updates
 
@@ -120,7 +121,7 @@ def test_slow_start_fast_decay_shape(decay):
 
 def test_bad_inputs_name_the_value():
     pixels, labels = _digit_pixels(4)
-    model = nn.Sequential(PixelNormalization(MEAN, STD), _backbone())
+    model = nn.Sequential(Normalize(MEAN, STD), _backbone())
     with pytest.raises(ValueError, match="eps must be >= 0, got -0.1"):
         pgd_linf(model, pixels, labels, -0.1, 0.01, 3)
     with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
@@ -134,10 +135,15 @@ def test_bad_inputs_name_the_value():
     with pytest.raises(ValueError, match="final_lr_fraction must lie in \\(0, 1\\) for exponential, got 0.0"):
         SlowStartFastDecay(10, final_lr_fraction=0.0)
     with pytest.raises(ValueError, match="std must be positive"):
-        PixelNormalization((0.5,), (0.0,))
+        Normalize((0.5,), (0.0,))
     wrong_mean = AdversarialFineTune(_backbone(), mean=(0.5,), std=STD)
     with pytest.raises(ValueError, match="mean=\\(0.5,\\) but the datamodule has mean=\\(0.3053,\\)"):
-        cpu_trainer().validate(wrong_mean, datamodule=DigitsDataModule(num_workers=0), verbose=False)
+        cpu_trainer().validate(wrong_mean, datamodule=DigitsDataModule(num_workers=0, normalize=False), verbose=False)
+    with pytest.raises(ValueError, match="inputs_normalized=True: build the datamodule with normalize=False"):
+        AdversarialFineTune(_backbone(), mean=MEAN, std=STD, inputs_normalized=True)
+    model = AdversarialFineTune(_backbone(), mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="DigitsDataModule yields normalized inputs: .*init_args.normalize: false"):
+        cpu_trainer().validate(model, datamodule=DigitsDataModule(num_workers=0), verbose=False)
 
 
 class LearningRates(Callback):
@@ -154,6 +160,7 @@ def test_adversarial_fine_tuning_raises_robust_accuracy_on_digits(tmp_path):
     on [0, 1] pixels); accuracy under PGD-10 rises by >= 25 points, clean accuracy stays >= 85%, the LR follows the schedule
     step by step and the pre-trained weights are what fine-tuning starts from."""
     data = DigitsDataModule(batch_size=64, num_workers=0, seed=0)
+    pixels = DigitsDataModule(batch_size=64, num_workers=0, seed=0, normalize=False)  # the same data in [0, 1]
     pretrained = ImageClassifier(_backbone(), lr=0.05, lr_schedule="onecycle", weight_decay=5e-4)
     trainer = cpu_trainer(max_epochs=5, limit_val_batches=0)
     trainer.fit(pretrained, datamodule=data)
@@ -174,13 +181,13 @@ def test_adversarial_fine_tuning_raises_robust_accuracy_on_digits(tmp_path):
         weight_decay=5e-4,
         test_autoattack=True,
     )
-    before = cpu_trainer().validate(model, datamodule=data, verbose=False)[0]
+    before = cpu_trainer().validate(model, datamodule=pixels, verbose=False)[0]
     clean = cpu_trainer().validate(pretrained, datamodule=data, verbose=False)[0]
     assert before["val/acc"] == clean["val/acc"]  # the pre-trained weights were loaded
     rates = LearningRates()
     fine_tune = cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[rates])
-    fine_tune.fit(model, datamodule=data)
-    after = cpu_trainer().validate(model, datamodule=data, verbose=False)[0]
+    fine_tune.fit(model, datamodule=pixels)
+    after = cpu_trainer().validate(model, datamodule=pixels, verbose=False)[0]
     print(
         f"PGD-10 accuracy {before['val/robust_acc']:.3f} -> {after['val/robust_acc']:.3f}, "
         f"clean {before['val/acc']:.3f} -> {after['val/acc']:.3f}"
@@ -191,7 +198,7 @@ def test_adversarial_fine_tuning_raises_robust_accuracy_on_digits(tmp_path):
     expected = [0.05 * _reference_factor(s, total, 0.3, "exponential", 0.01) for s in range(total)]
     assert rates.values == pytest.approx(expected)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    tested = cpu_trainer(limit_test_batches=1).test(model, datamodule=data, verbose=False)[0]
+    tested = cpu_trainer(limit_test_batches=1).test(model, datamodule=pixels, verbose=False)[0]
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # no BN statistics moved
     print(f"first test batch: PGD-10 {tested['test/robust_acc']:.3f}, AutoAttack {tested['test/autoattack_acc']:.3f}")
     assert tested["test/autoattack_acc"] <= tested["test/robust_acc"] + 1 / 64  # AutoAttack is the stronger attack

@@ -7,6 +7,8 @@ images grows, and the mean per-class numerical rank of the features falls."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from lit_methods.datamodules.digits import DigitsDataModule, load_digits_uint8
 from lit_methods.datamodules.fast import BatchAugment
+from lit_methods.datamodules.normalization import Normalize
 from lit_methods.losses.mcr2 import coding_rate, membership_coding_rate, sinkhorn_membership
 from lit_methods.nets.base import Backbone
 from lit_methods.ssl.base import SSLMethod
@@ -47,9 +50,11 @@ class TinyMLP(Backbone):
         return self.body(x)
 
 
-def train_ssl(model: SSLMethod, images: Tensor, augment: BatchAugment, steps: int, lr: float, seed: int) -> None:
+def train_ssl(
+    model: SSLMethod, images: Tensor, augment: Callable[[Tensor], Tensor], steps: int, lr: float, seed: int
+) -> None:
     """SGD (momentum 0.9, weight decay 1e-4) on the module's ``ssl_loss`` over batches of 256 images, two views each
-    (a random crop shifting the digit by up to one pixel)."""
+    (``augment``: a random crop shifting the digit by up to one pixel, then normalization)."""
     params = [p for name, p in model.named_parameters() if not name.startswith("probe.")]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     order = torch.Generator().manual_seed(seed)
@@ -98,10 +103,13 @@ def _run(seed: int) -> dict[str, float]:
     images, labels = load_digits_uint8()
     keep = labels < CLASSES
     images, labels = images[keep], labels[keep]
-    augment = BatchAugment(
-        DigitsDataModule.mean, DigitsDataModule.std, crop_padding=1, horizontal_flip=False, seed=seed
-    )
-    plain = augment.normalize(images)
+    normalize = Normalize(DigitsDataModule.mean, DigitsDataModule.std)
+    crop = BatchAugment(crop_padding=1, horizontal_flip=False, seed=seed)
+
+    def augment(batch: Tensor) -> Tensor:
+        return normalize(crop(batch))
+
+    plain = normalize(images)
     torch.manual_seed(seed)
     tcr = TCRPretrain(TinyMLP(), num_classes=CLASSES, hidden_dim=64, feature_dim=16, invariance_weight=1.0)
     train_ssl(tcr, images, augment, steps=200, lr=0.05, seed=seed)

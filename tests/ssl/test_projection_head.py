@@ -179,12 +179,12 @@ def test_knn_accuracy_by_depth_equals_a_direct_computation():
     assert model.training  # the mode is restored
     model.eval()
     with torch.no_grad():
-        bank = [model.features_by_depth(images) for images, _ in bank_loader]
-        queries = model.features_by_depth(query_loader[0][0])
-    bank_labels = torch.cat([labels for _, labels in bank_loader])
+        bank = [model.features_by_depth(batch["inputs"]) for batch in bank_loader]
+        queries = model.features_by_depth(query_loader[0]["inputs"])
+    bank_labels = torch.cat([batch["targets"] for batch in bank_loader])
     for name in model.depth_names:
         bank_features = torch.cat([b[name] for b in bank])
-        expected = _naive_knn_accuracy(bank_features, bank_labels, queries[name], query_loader[0][1], 10, 0.1)
+        expected = _naive_knn_accuracy(bank_features, bank_labels, queries[name], query_loader[0]["targets"], 10, 0.1)
         assert accuracies[name] == pytest.approx(expected, abs=1e-6), name
     assert set(accuracies) == {"pre_projection", "head_layer_1", "post_projection"}
     assert all(0.2 < acc <= 1.0 for acc in accuracies.values())  # well above chance (0.1) on digits
@@ -200,7 +200,7 @@ def test_on_digits_pre_projection_features_beat_and_outrank_post_projection_feat
     evaluation.setup("fit")
     evaluation.setup("test")
     bank, queries = evaluation.val_dataloader(), evaluation.test_dataloader()  # un-augmented images
-    test_images = torch.cat([images for images, _ in queries])
+    test_images = torch.cat([batch["inputs"] for batch in queries])
 
     def ranks(model: ProjectionHeadStudy) -> dict[str, float]:
         model.eval()

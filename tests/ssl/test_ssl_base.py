@@ -28,14 +28,16 @@ def _views_batch(n: int = 6):
 def test_datamodule_gives_differently_augmented_views_of_the_same_images():
     dm = DigitsDataModule(batch_size=16, fast_loader=False, ssl_views=2, num_workers=0, seed=0)
     dm.setup("fit")
-    (view1, view2), labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    (view1, view2), labels = batch["views"], batch["targets"]
+    assert set(batch) == {"views", "targets"}
     assert view1.shape == view2.shape == (16, 1, 8, 8) and labels.shape == (16,)
     assert not torch.equal(view1, view2)
-    images, _ = next(iter(dm.val_dataloader()))
+    images = next(iter(dm.val_dataloader()))["inputs"]
     assert isinstance(images, torch.Tensor) and images.shape[1:] == (1, 8, 8)  # validation stays single-view
     fast = DigitsDataModule(batch_size=16, ssl_views=2, seed=0)  # fast path: views built on the batch's device
     fast.setup("fit")
-    images, labels = next(iter(fast.train_dataloader()))
+    images = next(iter(fast.train_dataloader()))["inputs"]
     fast_view1, fast_view2 = fast.augment(images)
     assert fast_view1.shape == fast_view2.shape == (16, 1, 8, 8) and not torch.equal(fast_view1, fast_view2)
     with pytest.raises(ValueError, match="ssl_views must be 0.*got 1"):
@@ -57,6 +59,24 @@ def test_training_loss_is_the_method_loss_plus_a_detached_probe(method, loss_fn)
     ssl_grads = torch.autograd.grad(ssl, list(model.backbone.parameters()))
     for with_probe, without in zip(backbone_grads, ssl_grads):
         torch.testing.assert_close(with_probe, without)
+
+
+def test_named_and_positional_batches_give_the_same_steps(tmp_path):
+    """Training on {"views", "targets"} equals training on a ([views], targets) tuple; a plain (images, labels)
+    DataLoader validates as the datamodule's named batches do."""
+    model = SimCLR(_net(), projection_hidden_dim=16, projection_dim=8)
+    views, labels = _views_batch()
+    torch.testing.assert_close(
+        model.training_step({"views": views, "targets": labels}, 0), model.training_step((views, labels), 0)
+    )
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 10, (24,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+    (metrics,) = cpu_trainer(default_root_dir=tmp_path).validate(model, dataloaders=loader, verbose=False)
+    model.eval()
+    with torch.no_grad():
+        _, logits = model.probe(model(images), labels)
+    assert metrics["val/probe_acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
 
 
 def test_backbone_classifier_is_removed_and_a_single_view_batch_is_refused():

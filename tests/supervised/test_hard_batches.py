@@ -64,8 +64,8 @@ class Trajectory(Callback):
         if not self.pass_ids:  # a resumed run re-enters the saved epoch without on_train_epoch_start
             self.pass_ids.append([])
         self.params.append(torch.cat([p.detach().flatten().clone() for p in pl_module.backbone.parameters()]))
-        self.batch_ids.append(int(batch[2]))
-        self.pass_ids[-1].append(int(batch[2]))
+        self.batch_ids.append(int(batch["batch_id"]))
+        self.pass_ids[-1].append(int(batch["batch_id"]))
 
 
 def _reference_training(backbone, images, labels, batches, delta, epochs):
@@ -117,7 +117,7 @@ def test_trajectory_equals_the_official_loop_and_meets_the_step_budget(delta):
     trainer.fit(_model(copy.deepcopy(backbone)), datamodule=datamodule)
 
     inner = datamodule.datamodule
-    images = inner.augment.normalize(inner.train_images)
+    images = inner.to_inputs(inner.train_images)
     ref_params, ref_ids = _reference_training(
         backbone, images, inner.train_labels, datamodule.fixed.batches, delta, epochs
     )
@@ -186,7 +186,7 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="resuming with limit_train_batches=3 is not supported"):
         datamodule.train_dataloader()
     model = _model(_backbone())
-    with pytest.raises(ValueError, match="got 2 items"):
+    with pytest.raises(ValueError, match=r"batch_id field, got the fields \['inputs', 'targets'\]"):
         model.training_step((torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)), 0)
 
 
@@ -235,7 +235,7 @@ class StepLog(Callback):
         self.global_step = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batch_ids.append(int(batch[2]))
+        self.batch_ids.append(int(batch["batch_id"]))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.validation_steps.append(trainer.global_step)

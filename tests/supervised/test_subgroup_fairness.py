@@ -120,7 +120,9 @@ def test_cifar10b_test_batches_carry_the_subgroup_of_each_image(tmp_path):
     table = _write_subgroups(tmp_path, arrays.test_labels)
     dm = CIFAR10BDataModule(data_dir=tmp_path, batch_size=16)
     dm.setup("test")
-    images, labels, subgroups = (torch.cat(parts) for parts in zip(*dm.test_dataloader()))
+    batches = list(dm.test_dataloader())
+    assert all(set(batch) == {"inputs", "targets", "subgroup"} for batch in batches)
+    labels, subgroups = (torch.cat([batch[name] for batch in batches]) for name in ("targets", "subgroup"))
     seen = {c: 0 for c in range(10)}
     for label, subgroup in zip(labels.tolist(), subgroups.tolist()):
         assert subgroup == table[f"class_{label}"][f"{seen[label]:04d}.png"]
@@ -149,7 +151,7 @@ def test_classifier_reports_macro_std_of_its_test_predictions(tmp_path):
     (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
     model.eval()
     with torch.no_grad():
-        preds = torch.cat([model(dm.on_after_batch_transfer(b, 0)[0]).argmax(1) for b in dm.test_dataloader()])
+        preds = torch.cat([model(dm.on_after_batch_transfer(b, 0)["inputs"]).argmax(1) for b in dm.test_dataloader()])
     reference = MacroStd(10, 8)
     reference.update(preds, dm.test_labels, dm.test_subgroups)
     assert metrics["test/macro_std"] == pytest.approx(reference.compute().item(), abs=1e-6)
