@@ -10,7 +10,7 @@ that moved least during the cycle; removing negative inputs raises pre-activatio
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -91,6 +91,8 @@ class ActivatingWhilePruning(Callback):
             pruned weights are zeroed.
         track_dead_neurons: measure and log the dynamic dead neuron rate.
     """
+
+    slug: ClassVar[str] = "ap"
 
     def __init__(
         self,

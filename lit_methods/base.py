@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -74,6 +74,8 @@ class ImageClassifier(L.LightningModule):
         optimizer: replaces the default SGD; called with the parameter groups (``class_path`` from the CLI).
         lr_scheduler: replaces ``lr_schedule``; called with the optimizer and stepped every optimizer step.
     """
+
+    slug: ClassVar[str] = "baseline"
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """``lit-methods``: the one LightningCLI of the project.
 
 ``lit-methods fit --config experiments/<...>.yaml`` trains; ``validate``, ``test`` and ``predict`` work the same way;
-``lit-methods list`` prints the method registry. Configs compose with repeated ``--config``; a path that does not
+``lit-methods list`` prints the method registry and ``lit-methods show SLUG`` one method. Configs compose with repeated ``--config``; a path that does not
 exist relative to the working directory is looked up under ``experiments/`` and then among the configs shipped with
 the package.
 
@@ -124,6 +124,7 @@ class LitMethodsCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        kwargs["parser_kwargs"] = {"epilog": REGISTRY_COMMANDS, **kwargs.get("parser_kwargs", {})}
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -213,12 +214,26 @@ def resolve_args(args: Sequence[str]) -> list[str]:
     return resolved
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Console entry point: ``lit-methods {fit,validate,test,predict,list} ...``."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "list":
-        from lit_methods.registry import format_table
+REGISTRY_COMMANDS = (
+    "The method registry: `lit-methods list` prints one line per method (`--markdown`: the README table); "
+    "`lit-methods show SLUG` prints a method's paper, classes, configs and status."
+)
 
-        print(format_table(markdown="--markdown" in argv))
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point: ``lit-methods {fit,validate,test,predict} ...``, ``list [--markdown]`` and ``show SLUG``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("list", "show"):
+        from lit_methods import registry
+
+        if argv[0] == "list":
+            print(registry.format_table() if "--markdown" in argv[1:] else registry.format_list())
+            return
+        if len(argv) != 2:
+            sys.exit("usage: lit-methods show SLUG (lit-methods list names them)")
+        try:
+            print(registry.describe(argv[1]))
+        except KeyError as error:
+            sys.exit(error.args[0])
         return
     LitMethodsCLI(args=argv)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from importlib import resources
@@ -25,6 +27,8 @@ __all__ = [
     "METHODS",
     "MethodEntry",
     "close_matches",
+    "describe",
+    "first_paragraph",
     "format_list",
     "format_table",
     "get_method",
@@ -36,6 +40,7 @@ Kind = Literal["module", "callback", "datamodule", "transform", "backbone", "sam
 Status = Literal["available", "partial", "planned"]
 
 NOTE_MAX_CHARS = 100
+LIST_FAMILY_CHARS = 15
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
@@ -590,11 +595,20 @@ METHODS: dict[str, MethodEntry] = {entry.slug: entry for entry in _ENTRIES}
 
 
 def get_method(slug: str) -> MethodEntry:
-    """The registry entry of ``slug``; a ``KeyError`` lists the known slugs."""
+    """The registry entry of ``slug``; a ``KeyError`` names the closest slugs (or all of them)."""
     try:
         return METHODS[slug]
     except KeyError:
-        raise KeyError(f"unknown method {slug!r}; known: {', '.join(sorted(METHODS))}") from None
+        close = close_matches(slug)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(METHODS))}"
+        raise KeyError(f"unknown method {slug!r}; {hint}") from None
+
+
+def close_matches(slug: str) -> list[str]:
+    """Registered slugs that look like ``slug`` (a prefix, a substring or a near spelling), best first."""
+    near = difflib.get_close_matches(slug, list(METHODS), n=5, cutoff=0.6)
+    containing = [s for s in METHODS if slug and (slug in s or s in slug) and s not in near]
+    return near + sorted(containing)
 
 
 def import_method(slug: str) -> object:
@@ -606,22 +620,59 @@ def import_method(slug: str) -> object:
     return getattr(importlib.import_module(module_name), name)
 
 
-def format_table(markdown: bool = False) -> str:
-    """The registry as a Markdown table (the README's) or as aligned plain text."""
-    header = ("slug", "paper", "family", "how to run", "status")
-    rows = []
-    for e in METHODS.values():
-        paper = f"[{e.paper}]({e.url})" if (markdown and e.url) else e.paper
-        status = f"{e.status}: {e.note}" if e.note else e.status
-        rows.append((f"`{e.slug}`" if markdown else e.slug, paper, e.family, e.run, status))
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in (0, 2, 4)]
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_list(width: int = 80) -> str:
+    """One line per method: slug, status, family (cut to :data:`LIST_FAMILY_CHARS`) and paper title, each line cut to
+    ``width`` characters with an ellipsis."""
+    slug_width = max(len(slug) for slug in METHODS)
+    status_width = max(len(e.status) for e in METHODS.values())
+    rows = [("slug", "status", "family", "paper"), *((e.slug, e.status, e.family, e.paper) for e in METHODS.values())]
     return "\n".join(
-        f"{r[0]:<{widths[0]}}  {r[4]:<{widths[2]}}  {r[2]:<{widths[1]}}  {r[1]}" for r in [header, *rows]
+        _truncate(
+            f"{slug:<{slug_width}}  {status:<{status_width}}  "
+            f"{_truncate(family, LIST_FAMILY_CHARS):<{LIST_FAMILY_CHARS}}  {paper}",
+            width,
+        )
+        for slug, status, family, paper in rows
     )
+
+
+def format_table() -> str:
+    """The registry as the README's Markdown table."""
+    header = ("slug", "paper", "family", "how to run", "status")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in METHODS.values():
+        status = f"{e.status}: {e.note}" if e.note else e.status
+        lines.append(f"| `{e.slug}` | [{e.paper}]({e.url}) | {e.family} | {e.run} | {status} |")
+    return "\n".join(lines)
+
+
+def first_paragraph(text: str | None) -> str:
+    """The first paragraph of a docstring, on one line."""
+    paragraph = inspect.cleandoc(text or "").split("\n\n", 1)[0]
+    return " ".join(paragraph.split())
+
+
+def describe(slug: str) -> str:
+    """What ``lit-methods show SLUG`` prints: paper, code, configs, status and the class docstring's first paragraph."""
+    entry = get_method(slug)
+    lines = [
+        f"{entry.slug}: {entry.paper}",
+        f"  paper:      {entry.url}",
+        f"  family:     {entry.family} ({entry.kind})",
+        f"  code:       {entry.import_path}",
+        f"  status:     {entry.status}" + (f" ({entry.note})" if entry.note else ""),
+    ]
+    if entry.status == "planned":
+        return "\n".join(lines)
+    lines.append(f"  cpu config: {entry.cpu_config}")
+    lines.append("  configs:")
+    lines += [f"    {config}" for config in entry.configs]
+    lines += ["", textwrap.fill(first_paragraph(import_method(slug).__doc__), width=100)]
+    return "\n".join(lines)
 
 
 README_START = "<!-- registry-table:start -->"
@@ -634,7 +685,7 @@ def with_registry_table(readme: str) -> str:
     _, end, tail = rest.partition(README_END)
     if not start or not end:
         raise ValueError(f"the README lacks the markers {README_START} ... {README_END}")
-    return f"{head}{start}\n{format_table(markdown=True)}\n{end}{tail}"
+    return f"{head}{start}\n{format_table()}\n{end}{tail}"
 
 
 if __name__ == "__main__":  # python -m lit_methods.registry README.md: regenerate the README's table

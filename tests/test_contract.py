@@ -170,21 +170,7 @@ def check_contract(entry: MethodEntry, tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out == printed, "the printed config does not print itself back"
 
 
-# The torchvision path of the datamodules (fast_loader: false, per-image transforms in the DataLoader) does not resume
-# exactly: the loader's persistent shuffle generator restarts from its seed in a resumed run and the transforms draw
-# from RNG state that Lightning's checkpoints do not hold. The fast path (on-device augmentation seeded by the epoch)
-# does; these configs need per-image transforms (RandAugment, PIL views) and stay on the torchvision path.
-TORCHVISION_PATH_RESUME = pytest.mark.xfail(
-    strict=True, reason="the torchvision data path (fast_loader: false) does not resume exactly (see above)"
-)
-TORCHVISION_PATH = {"projection-head", "randaugment", "ssl-ey", "mlc", "mixed-barlow-twins", "hallucinator"}
-CASES = [
-    pytest.param(entry, id=entry.slug, marks=[TORCHVISION_PATH_RESUME] if entry.slug in TORCHVISION_PATH else [])
-    for entry in AVAILABLE
-]
-
-
-@pytest.mark.parametrize("entry", CASES)
+@pytest.mark.parametrize("entry", AVAILABLE, ids=[entry.slug for entry in AVAILABLE])
 def test_method_meets_the_contract(entry, in_tmp_dir, capsys):
     check_contract(entry, in_tmp_dir, capsys)
 

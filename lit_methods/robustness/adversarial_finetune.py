@@ -11,7 +11,7 @@ follow the paper's description "slow start, fast decay" and are unconfirmed agai
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,8 @@ class AdversarialFineTune(ImageClassifier):
             (``pip install lit-methods[robustness]``) and is slow.
         **kwargs: the other arguments of :class:`~lit_methods.ImageClassifier` (``lr`` is the peak).
     """
+
+    slug: ClassVar[str] = "adv-finetune"
 
     def __init__(
         self,

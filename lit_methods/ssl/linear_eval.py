@@ -4,7 +4,7 @@ arXiv:2002.05709, and every later SSL paper)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -62,6 +62,8 @@ class LinearEvaluation(L.LightningModule):
         knn_k: neighbours of the kNN evaluation.
         knn_temperature: vote temperature of the kNN evaluation.
     """
+
+    slug: ClassVar[str] = "linear-eval"
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ paper's supervised setting (the head between backbone and linear classifier, byp
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +119,8 @@ class ProjectionHeadStudy(SSLMethod):
         gather_distributed: under DDP, take negatives from every rank's batch.
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "projection-head"
 
     def __init__(
         self,
