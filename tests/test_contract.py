@@ -5,13 +5,18 @@ that keep it tiny (2-3 training steps, no validation, no logger), and must:
 
 * build the class its entry points at (as the model, one of its submodules, a callback or the datamodule);
 * train two steps with a finite training loss at each;
-* give every trainable parameter (``requires_grad`` at that step) a finite gradient at every optimizer step, read
-  at ``on_before_optimizer_step`` after every other callback (DP callbacks write the privatized ``p.grad`` there);
-* resume: 2 steps, a checkpoint, 1 more step from it gives the same weights and buffers as 3 uninterrupted steps;
+* give every trainable parameter a finite gradient at every optimizer step, read at ``on_before_optimizer_step``
+  after every other callback (DP callbacks write the privatized ``p.grad`` there). A method declares what it freezes
+  by ``requires_grad=False`` at that step: BD-KD trains its teacher online (it gets gradients), momentum encoders
+  (MoCo v2) and linear evaluation's backbone are built with ``requires_grad_(False)``, and SlimFit toggles
+  ``requires_grad`` of the tensors it freezes at each step, so no separate list of frozen names is needed;
+* resume (exactly, ``torch.equal`` on CPU): 2 steps, a checkpoint, 1 more step from it gives the same weights and
+  buffers as 3 uninterrupted steps;
 * print a config (``--print_config``) that, passed back as ``--config``, parses and prints the same config.
 
 A new method gets these checks by registering. The round trip resumes at an epoch boundary (``limit_train_batches=2``):
-a plain Lightning checkpoint taken mid-epoch does not hold the loader's position. Lightning's checkpoints do not hold
+a plain Lightning checkpoint taken mid-epoch does not hold the loader's position (the hard-batch datamodule, which
+saves it, resumes mid-pass). Lightning's checkpoints do not hold
 the global RNG state either, so the test seeds it from the epoch before each epoch's loader starts (at train start and
 at every epoch end; the samplers and on-device augmentations of the datamodules already derive theirs from the epoch):
 per-image transforms, dropout, PGD starts or random mixing then draw the same numbers in the resumed and the
@@ -62,6 +67,12 @@ OVERRIDES = {
     # Second stages read the first stage's checkpoint, which the contract does not train: start from random weights.
     "mlc": [*DEFAULT_OVERRIDES, "--model.pretrained_checkpoint=null"],
     "subgroup-fairness": [*DEFAULT_OVERRIDES, "--model.flow_augmentation=null"],
+    # Calibrating sigma to the epsilon budget runs opacus' RDP accountant for ~15 s per run: give sigma directly.
+    "dicesgd": [
+        *DEFAULT_OVERRIDES,
+        '--trainer.callbacks=[{"class_path": "lit_methods.callbacks.ErrorFeedbackDP", '
+        '"init_args": {"clip_norm": 0.1, "noise_multiplier": 1.0, "target_epsilon": null}}]',
+    ],
     # HardBatchDataModule refuses limit_train_batches and resumes exactly from any step: checkpoint mid-pass.
     "hard-batches": ["--data.datamodule.batch_size=16"],
 }
@@ -170,8 +181,14 @@ def check_contract(entry: MethodEntry, tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out == printed, "the printed config does not print itself back"
 
 
+@pytest.fixture
+def one_thread() -> None:
+    """Tiny nets on a shared CPU: one intra-op thread is faster than several (the conftest restores the count)."""
+    torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("entry", AVAILABLE, ids=[entry.slug for entry in AVAILABLE])
-def test_method_meets_the_contract(entry, in_tmp_dir, capsys):
+def test_method_meets_the_contract(entry, in_tmp_dir, capsys, one_thread):
     check_contract(entry, in_tmp_dir, capsys)
 
 
@@ -185,7 +202,7 @@ class NoGradientClassifier(ImageClassifier):
         self.unused = nn.Parameter(torch.zeros(3))
 
 
-def test_the_contract_fails_for_a_method_whose_parameters_get_no_gradient(in_tmp_dir, capsys, monkeypatch):
+def test_the_contract_fails_for_a_method_whose_parameters_get_no_gradient(in_tmp_dir, capsys, monkeypatch, one_thread):
     config = in_tmp_dir / "experiments" / "no-gradient" / "no-gradient_convnet_digits.yaml"
     config.parent.mkdir(parents=True)
     baseline = (REPO / METHODS["randaugment"].cpu_config).read_text()
