@@ -6,7 +6,7 @@ before; ``import_path`` of a planned entry is where the method will live. The cl
 ``import_path`` names the entry's slug in a ``slug`` class attribute.
 
 A method's configs are not listed here: they are the files matching its ``config_patterns`` under ``experiments/``
-(by default ``experiments/<slug>/*.yaml``). ``cpu_config`` is the one that trains in seconds on a laptop CPU (sklearn
+(by default ``experiments/<slug>/*.yaml``). ``cpu_config`` is the one sized for a laptop CPU (small nets on sklearn
 digits or Fashion-MNIST); the contract test (``tests/test_contract.py``) builds and trains every available method
 from it.
 """
@@ -44,11 +44,6 @@ LIST_FAMILY_CHARS = 15
 _SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
-def _experiments_dir():
-    """The experiments folder: ``experiments/`` of the source tree, installed as ``lit_methods.experiments``."""
-    return resources.files("lit_methods.experiments")
-
-
 @dataclass(frozen=True, kw_only=True)
 class MethodEntry:
     """One method: its slug (from the project's method index), paper, family, kind, code, configs and status.
@@ -61,8 +56,8 @@ class MethodEntry:
         kind: what the code is (a LightningModule, a callback, a transform ...).
         import_path: ``package.module.Name`` of the class (or function) that implements it.
         status: ``"available"``, ``"partial"`` or ``"planned"`` (see the module doc).
-        cpu_config: path (from the repository root, ``experiments/...``) of the config that trains in seconds on a
-            CPU; required unless planned.
+        cpu_config: path (from the repository root, ``experiments/...``) of the config sized for a laptop CPU;
+            required unless planned.
         config_patterns: glob patterns, relative to ``experiments/``, of the method's configs (default
             ``<slug>/*.yaml``).
         note: at most one short line (what is missing or how it differs); details live in the class docstring.
@@ -104,8 +99,9 @@ class MethodEntry:
 
     @property
     def configs(self) -> tuple[str, ...]:
-        """The method's configs found under ``experiments/`` (``experiments/...`` paths, sorted per pattern)."""
-        root = _experiments_dir()
+        """The method's configs found under ``experiments/`` (``experiments/...`` paths, sorted per pattern); read from
+        the package ``lit_methods.experiments``, which is the source tree's ``experiments/`` folder once installed."""
+        root = resources.files("lit_methods.experiments")
         found: list[str] = []
         for pattern in self.config_patterns:
             folder, _, name_pattern = pattern.rpartition("/")
