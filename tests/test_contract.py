@@ -195,29 +195,44 @@ def test_method_meets_the_contract(entry, in_tmp_dir, capsys, one_thread):
 class NoGradientClassifier(ImageClassifier):
     """A broken method: its extra parameter never enters the loss, so it never receives a gradient."""
 
-    slug: ClassVar[str] = "no-gradient"
+    slug: ClassVar[str] = "broken"
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
         self.unused = nn.Parameter(torch.zeros(3))
 
 
-def test_the_contract_fails_for_a_method_whose_parameters_get_no_gradient(in_tmp_dir, capsys, monkeypatch, one_thread):
-    config = in_tmp_dir / "experiments" / "no-gradient" / "no-gradient_convnet_digits.yaml"
+class NonFiniteLossClassifier(ImageClassifier):
+    """A broken method: its loss overflows to infinity."""
+
+    slug: ClassVar[str] = "broken"
+
+    def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return super().compute_loss(logits, targets) * math.inf
+
+
+@pytest.mark.parametrize(
+    ("broken_class", "failure"),
+    [(NoGradientClassifier, "unused has no gradient"), (NonFiniteLossClassifier, "training losses")],
+)
+def test_the_contract_fails_for_a_broken_method(broken_class, failure, in_tmp_dir, capsys, monkeypatch, one_thread):
+    """Register (for this test) a method built from a copy of a digits config with the broken class as the model."""
+    config = in_tmp_dir / "experiments" / "broken" / "broken_convnet_digits.yaml"
     config.parent.mkdir(parents=True)
-    baseline = (REPO / METHODS["randaugment"].cpu_config).read_text()
-    config.write_text(baseline.replace("lit_methods.ImageClassifier", f"{__name__}.NoGradientClassifier"))
+    classifier_config = (REPO / METHODS["randaugment"].cpu_config).read_text()
+    class_path = f"{__name__}.{broken_class.__name__}"
+    config.write_text(classifier_config.replace("lit_methods.ImageClassifier", class_path))
     broken = MethodEntry(
-        slug="no-gradient",
-        paper="A method whose parameters never receive gradients",
-        url="https://example.org/no-gradient",
+        slug="broken",
+        paper="A broken method",
+        url="https://example.org/broken",
         family="supervised",
         kind="module",
-        import_path=f"{__name__}.NoGradientClassifier",
+        import_path=class_path,
         status="available",
-        cpu_config="experiments/no-gradient/no-gradient_convnet_digits.yaml",
+        cpu_config="experiments/broken/broken_convnet_digits.yaml",
     )
     monkeypatch.setitem(METHODS, broken.slug, broken)
     monkeypatch.setattr(sys.modules[__name__], "REPO", in_tmp_dir)
-    with pytest.raises(AssertionError, match="unused has no gradient"):
+    with pytest.raises(AssertionError, match=failure):
         check_contract(broken, in_tmp_dir, capsys)
