@@ -153,7 +153,9 @@ class VisionDataModule(L.LightningDataModule):
 class EpochSeededRandomSampler(RandomSampler):
     """A random order that depends only on ``(seed, epoch)``: Lightning calls :meth:`set_epoch` before every epoch,
     so a run resumed at an epoch boundary draws the same order as an uninterrupted one. (Under DDP Lightning replaces
-    it, like any ``RandomSampler``, by a ``DistributedSampler``, which is seeded by the epoch too.)"""
+    it, like any ``RandomSampler``, by a ``DistributedSampler``, which is seeded by the epoch too.) The per-image
+    transforms still draw from the global RNG (``num_workers=0``) or from worker seeds, which a checkpoint does not
+    hold: seed the global RNG per epoch for a resumed run to draw the same transforms."""
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source, generator=torch.Generator())
