@@ -9,7 +9,7 @@ that moved least during the cycle; removing negative inputs raises pre-activatio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -61,6 +61,8 @@ class ActivatingWhilePruning(Callback):
             pruned weights are zeroed.
         track_dead_neurons: measure and log the dynamic dead neuron rate.
     """
+
+    slug: ClassVar[str] = "ap"
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ parameter names, so a checkpoint written with it loads only into a module set up
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -74,6 +74,8 @@ class AdaptivePrecision(Callback):
         switch_at: ``"window"`` (when a tensor's window is full) or ``"epoch"`` (all tensors at each epoch end).
         seed: seed of the stochastic rounding.
     """
+
+    slug: ClassVar[str] = "adapt"
 
     def __init__(
         self,

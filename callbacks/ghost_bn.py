@@ -12,6 +12,8 @@ batch: per-process batch x processes x ``accumulate_grad_batches``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -49,6 +51,8 @@ class GhostBatchNorm(Callback):
     Args:
         virtual_batch_size: samples per virtual batch (the paper uses 128 on CIFAR).
     """
+
+    slug: ClassVar[str] = "ghost-bn"
 
     def __init__(self, virtual_batch_size: int) -> None:
         check_virtual_batch_size(virtual_batch_size)

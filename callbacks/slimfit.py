@@ -57,7 +57,7 @@ import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -161,6 +161,8 @@ class SlimFit(Callback):
         eps: floor of ``|w_prev|`` in the score.
         seed: seed of the initial scores.
     """
+
+    slug: ClassVar[str] = "slimfit"
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lit_methods.datamodules.batch import INPUTS, TARGETS, VIEWS
 from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, check_extras
@@ -150,13 +150,30 @@ class VisionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last if train else False,
             persistent_workers=self.num_workers > 0,
+            sampler=EpochSeededRandomSampler(dataset, seed=self.seed) if train else None,
+            # the loader draws its workers' base seed from this generator, not from the global RNG
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A random order that depends only on ``(seed, epoch)``: Lightning calls :meth:`set_epoch` before every epoch,
+    so a run resumed at an epoch boundary draws the same order as an uninterrupted one. (Under DDP Lightning replaces
+    it, like any ``RandomSampler``, by a ``DistributedSampler``, which is seeded by the epoch too.) The per-image
+    transforms still draw from the global RNG (``num_workers=0``) or from worker seeds, which a checkpoint does not
+    hold: seed the global RNG per epoch for a resumed run to draw the same transforms."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class ArrayImageDataset(Dataset):

@@ -65,6 +65,9 @@ def randaugment(num_ops: int, magnitude: int) -> v2.RandAugment:
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=PAPER_MAGNITUDE_LEVELS + 1)
 
 
+randaugment.slug = "randaugment"  # type: ignore[attr-defined]  # the registry entry it implements
+
+
 def build_train_transforms(
     mean: Sequence[float],
     std: Sequence[float],

@@ -389,6 +389,8 @@ class ImageClassifier(MethodBase):
             ``std`` first (see :class:`MethodBase`).
     """
 
+    slug: ClassVar[str] = "baseline"
+
     def __init__(
         self,
         backbone: nn.Module,

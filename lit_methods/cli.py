@@ -1,9 +1,9 @@
 """``lit-methods``: the one LightningCLI of the project.
 
 ``lit-methods fit --config experiments/<...>.yaml`` trains; ``validate``, ``test`` and ``predict`` work the same way;
-``lit-methods list`` prints the method registry. Configs compose with repeated ``--config``; a path that does not
-exist relative to the working directory is looked up under ``experiments/`` and then among the configs shipped with
-the package.
+``lit-methods list`` prints the method registry and ``lit-methods show SLUG`` one method. Configs compose with repeated
+``--config``; a path that does not exist relative to the working directory is looked up under ``experiments/`` and
+then among the configs shipped with the package.
 
 Data facts are written into the model's config before anything is built: ``num_classes``, ``in_channels``,
 ``image_size``, the normalization ``mean`` and ``std`` (and ``num_subgroups`` where a datamodule has subgroups) of
@@ -44,6 +44,10 @@ __all__ = [
 DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "inputs_normalized", "num_subgroups")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 REDACTED = "<redacted>"
+REGISTRY_COMMANDS = (
+    "The method registry: `lit-methods list` prints one line per method (`--markdown`: the README table); "
+    "`lit-methods show SLUG` prints a method's paper, classes, configs and status."
+)
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
 
 
@@ -124,6 +128,7 @@ class LitMethodsCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
+        kwargs["parser_kwargs"] = {"epilog": REGISTRY_COMMANDS, **kwargs.get("parser_kwargs", {})}
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -214,11 +219,19 @@ def resolve_args(args: Sequence[str]) -> list[str]:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Console entry point: ``lit-methods {fit,validate,test,predict,list} ...``."""
+    """Console entry point: ``lit-methods {fit,validate,test,predict} ...``, ``list [--markdown]`` and ``show SLUG``."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "list":
-        from lit_methods.registry import format_table
+    if argv and argv[0] in ("list", "show"):
+        from lit_methods import registry
 
-        print(format_table(markdown="--markdown" in argv))
+        if argv[0] == "list" and argv[1:] in ([], ["--markdown"]):
+            print(registry.format_table() if argv[1:] else registry.format_list())
+        elif argv[0] == "show" and len(argv) == 2:
+            try:
+                print(registry.describe(argv[1]))
+            except KeyError as error:
+                sys.exit(error.args[0])
+        else:
+            sys.exit(f"usage: lit-methods list [--markdown] | lit-methods show SLUG; got {' '.join(argv)!r}")
         return
     LitMethodsCLI(args=argv)

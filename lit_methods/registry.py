@@ -1,533 +1,610 @@
-"""The method registry: one entry per method, the source of ``lit-methods list`` and of the README table.
+"""The method registry: one record per method, the source of ``lit-methods list``/``show`` and of the README table.
 
 ``status`` is ``"available"`` once the method's module, configs and behavioural tests have landed, ``"partial"`` when
 part of the paper's contribution is usable and tested (the entry's ``note`` says what is missing), ``"planned"``
-before; ``import_path`` of a planned entry is where the method will live.
+before; ``import_path`` of a planned entry is where the method will live. The class behind an available entry's
+``import_path`` names the entry's slug in a ``slug`` class attribute.
+
+A method's configs are not listed here: they are the files matching its ``config_patterns`` under ``experiments/``
+(by default ``experiments/<slug>/*.yaml``). ``cpu_config`` is the one sized for a laptop CPU (small nets on sklearn
+digits or Fashion-MNIST); the contract test (``tests/test_contract.py``) builds and trains every available method
+from it.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
+import re
+import textwrap
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from importlib import resources
 from typing import Literal
 
-__all__ = ["METHODS", "MethodEntry", "format_table", "get_method", "import_method", "with_registry_table"]
+__all__ = [
+    "METHODS",
+    "MethodEntry",
+    "close_matches",
+    "describe",
+    "first_paragraph",
+    "format_list",
+    "format_table",
+    "get_method",
+    "import_method",
+    "with_registry_table",
+]
 
 Kind = Literal["module", "callback", "datamodule", "transform", "backbone", "sampler", "metric", "loss"]
 Status = Literal["available", "partial", "planned"]
 
+NOTE_MAX_CHARS = 100
+LIST_FAMILY_CHARS = 15
+_SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class MethodEntry:
-    """One method: its slug (from the project's method index), paper, family, kind, code and configs."""
+    """One method: its slug (from the project's method index), paper, family, kind, code, configs and status.
+
+    Args:
+        slug: the method's short name, lower-case words joined by ``-``.
+        paper: the paper's title.
+        url: the paper's page (``https://``).
+        family: the research area (``"self-supervised"``, ``"pruning"`` ...).
+        kind: what the code is (a LightningModule, a callback, a transform ...).
+        import_path: ``package.module.Name`` of the class (or function) that implements it.
+        status: ``"available"``, ``"partial"`` or ``"planned"`` (see the module doc).
+        cpu_config: path (from the repository root, ``experiments/...``) of the config sized for a laptop CPU;
+            required unless planned.
+        config_patterns: glob patterns, relative to ``experiments/``, of the method's configs (default
+            ``<slug>/*.yaml``).
+        note: at most one short line (what is missing or how it differs); details live in the class docstring.
+    """
 
     slug: str
     paper: str
-    url: str | None
+    url: str
     family: str
     kind: Kind
     import_path: str
-    configs: tuple[str, ...] = ()
     status: Status = "planned"
+    cpu_config: str | None = None
+    config_patterns: tuple[str, ...] = ()
     note: str = ""
+
+    def __post_init__(self) -> None:
+        if not _SLUG.match(self.slug):
+            raise ValueError(f"slug must be lower-case words joined by '-', got {self.slug!r}")
+        if not self.url.startswith("https://"):
+            raise ValueError(f"{self.slug}: url must start with https://, got {self.url!r}")
+        if self.status not in ("available", "partial", "planned"):
+            raise ValueError(f"{self.slug}: status must be available, partial or planned, got {self.status!r}")
+        if len(self.note) > NOTE_MAX_CHARS or "\n" in self.note:
+            raise ValueError(
+                f"{self.slug}: note is {len(self.note)} characters; keep it to one line of at most {NOTE_MAX_CHARS} "
+                "and move the details into the class docstring"
+            )
+        if self.status == "planned" and (self.cpu_config or self.config_patterns):
+            raise ValueError(f"{self.slug}: a planned method has no configs, got cpu_config={self.cpu_config!r}")
+        if self.status != "planned":
+            if not self.cpu_config or not self.cpu_config.startswith("experiments/"):
+                raise ValueError(
+                    f"{self.slug}: a {self.status} method names its CPU-sized config as experiments/..., "
+                    f"got cpu_config={self.cpu_config!r}"
+                )
+            if not self.config_patterns:
+                object.__setattr__(self, "config_patterns", (f"{self.slug}/*.yaml",))
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        """The method's configs found under ``experiments/`` (``experiments/...`` paths, sorted per pattern); read from
+        the package ``lit_methods.experiments``, which is the source tree's ``experiments/`` folder once installed."""
+        root = resources.files("lit_methods.experiments")
+        found: list[str] = []
+        for pattern in self.config_patterns:
+            folder, _, name_pattern = pattern.rpartition("/")
+            directory = root.joinpath(folder) if folder else root
+            if not directory.is_dir():
+                continue
+            names = sorted(p.name for p in directory.iterdir() if p.is_file() and fnmatchcase(p.name, name_pattern))
+            found += [f"experiments/{folder + '/' if folder else ''}{name}" for name in names]
+        return tuple(found)
 
     @property
     def run(self) -> str:
-        """How to run it: the CLI command of its first config, or how to attach it."""
+        """How to run it: the CLI command of its CPU-sized config."""
         if self.status == "planned":
             return "—"
-        if self.configs:
-            return f"`lit-methods fit --config {self.configs[0]}`"
-        return f"`{self.import_path}`"
-
-
-def _entry(slug: str, paper: str, url: str | None, family: str, kind: Kind, import_path: str) -> MethodEntry:
-    return MethodEntry(slug, paper, url, family, kind, import_path)
+        return f"`lit-methods fit --config {self.cpu_config}`"
 
 
 _ARXIV = "https://arxiv.org/abs/"
 
-METHODS: dict[str, MethodEntry] = {
-    e.slug: e
-    for e in [
-        MethodEntry(
-            "baseline",
-            "Deep Residual Learning for Image Recognition (supervised baseline classifier)",
-            _ARXIV + "1512.03385",
-            "supervised",
-            "module",
-            "lit_methods.ImageClassifier",
-            (
-                "experiments/quickstart.yaml",
-                "experiments/baseline/baseline_resnet18_cifar10.yaml",
-                "experiments/baseline/baseline_resnet18_cifar100.yaml",
-                "experiments/baseline/baseline_resnet18_imagenet.yaml",
-            ),
-            "available",
-        ),
-        _entry(
-            "fyi",
-            "FYI: Flip Your Images for Dataset Distillation",
-            _ARXIV + "2407.08113",
-            "dataset distillation",
-            "module",
-            "lit_methods.distillation.FYI",
-        ),
-        _entry(
-            "fedloge",
-            "FedLoGe: Joint Local and Generic Federated Learning under Long-tailed Data",
-            _ARXIV + "2401.08977",
-            "federated",
-            "module",
-            "lit_methods.federated.FedLoGe",
-        ),
-        MethodEntry(
-            "dicesgd",
-            "Differentially Private SGD Without Clipping Bias: An Error-Feedback Approach",
-            _ARXIV + "2311.14632",
-            "privacy",
-            "callback",
-            "lit_methods.callbacks.ErrorFeedbackDP",
-            (
-                "experiments/dicesgd/dicesgd_resnet20_cifar10.yaml",
-                "experiments/dicesgd/dpsgd_gc_resnet20_cifar10.yaml",
-                "experiments/dicesgd/dicesgd_convnet_digits.yaml",
-            ),
-            "available",
-            "book-keeping per-sample clipping (vmap fallback); a step costs 1.9x a non-private one and 0.7x opacus on CPU",
-        ),
-        _entry(
-            "worst-case-forget",
-            "Challenging Forgets: Unveiling the Worst-Case Forget Sets in Machine Unlearning",
-            _ARXIV + "2403.07362",
-            "unlearning",
-            "module",
-            "lit_methods.unlearning.WorstCaseForget",
-        ),
-        MethodEntry(
-            "projection-head",
-            "Investigating the Benefits of Projection Head for Representation Learning",
-            _ARXIV + "2403.11391",
-            "self-supervised",
-            "module",
-            "lit_methods.ssl.ProjectionHeadStudy",
-            (
-                "experiments/projection-head/projection-head_resnet18_cifar10.yaml",
-                "experiments/projection-head/projection-head_resnet18_cifar10_spectral.yaml",
-                "experiments/projection-head/projection-head_convnet_digits.yaml",
-                "experiments/projection-head/projection-head_convnet_digits_spectral.yaml",
-                "experiments/projection-head/projection-head_convnet_digits_supervised.yaml",
-            ),
-            "available",
-            "NT-Xent or spectral contrastive training with mlp/linear/none/fixed-reweight heads, kNN and effective rank by depth, the 2-layer linear theory replication and the supervised head (ProjectionHeadClassifier); SupCon and the spurious-feature benchmarks not included",
-        ),
-        MethodEntry(
-            "ap",
-            "AP: Selective Activation for De-sparsifying Pruned Neural Networks",
-            _ARXIV + "2212.06145",
-            "pruning",
-            "callback",
-            "lit_methods.callbacks.ActivatingWhilePruning",
-            ("experiments/ap/ap_resnet20_cifar10.yaml", "experiments/ap/ap_convnet_fashion_mnist.yaml"),
-            "available",
-        ),
-        _entry(
-            "tesla",
-            "Scaling Up Dataset Distillation to ImageNet-1K with Constant Memory",
-            _ARXIV + "2211.10586",
-            "dataset distillation",
-            "module",
-            "lit_methods.distillation.TESLA",
-        ),
-        MethodEntry(
-            "randaugment",
-            "RandAugment: Practical automated data augmentation with a reduced search space",
-            _ARXIV + "1909.13719",
-            "augmentation",
-            "transform",
-            "lit_methods.datamodules.transforms.randaugment",
-            ("experiments/randaugment/randaugment_wrn28_10_cifar10.yaml", "experiments/sweeps/randaugment_n_m.yaml"),
-            "available",
-        ),
-        _entry(
-            "spectformer",
-            "SpectFormer: Frequency and Attention is what you need in a Vision Transformer",
-            _ARXIV + "2304.06446",
-            "architecture",
-            "backbone",
-            "lit_methods.nets.SpectFormer",
-        ),
-        _entry(
-            "fedossl",
-            "Towards Unbiased Training in Federated Open-world Semi-supervised Learning",
-            _ARXIV + "2305.00771",
-            "federated",
-            "module",
-            "lit_methods.federated.FedoSSL",
-        ),
-        MethodEntry(
-            "slimfit",
-            "SlimFit: Memory-Efficient Fine-Tuning of Transformer-based Models Using Training Dynamics",
-            _ARXIV + "2305.18513",
-            "efficient fine-tuning",
-            "callback",
-            "lit_methods.callbacks.SlimFit",
-            (
-                "experiments/slimfit/slimfit_vit_cifar10.yaml",
-                "experiments/slimfit/slimfit_vit_digits.yaml",
-            ),
-            "available",
-            "inter-layer freezing; 4-bit GELU inputs, 8-bit fc2 inputs and attention operands (timm's explicit path during training), top-10% pruning of frozen-LayerNorm inputs; the saved query is timm's pre-scaled one",
-        ),
-        _entry(
-            "polarization",
-            "Learning a Consensus Sub-Network with Polarization Regularization and One Pass Training",
-            _ARXIV + "2302.10798",
-            "pruning",
-            "module",
-            "lit_methods.pruning.Polarization",
-        ),
-        _entry(
-            "diffusion",
-            "Enhancing Diffusion Models for High-Quality Image Generation (DDPM, DDIM, CFG, latent)",
-            _ARXIV + "2412.14422",
-            "generative",
-            "module",
-            "lit_methods.diffusion.Diffusion",
-        ),
-        _entry(
-            "crossmax",
-            "Ensemble everything everywhere: Multi-scale aggregation for adversarial robustness",
-            _ARXIV + "2408.05446",
-            "robustness",
-            "module",
-            "lit_methods.robustness.CrossMax",
-        ),
-        MethodEntry(
-            "ssl-ey",
-            "Unconstrained Stochastic CCA: Unifying Multiview and Self-Supervised Learning",
-            _ARXIV + "2310.01012",
-            "self-supervised",
-            "module",
-            "lit_methods.ssl.SSLEY",
-            (
-                "experiments/ssl-ey/ssl-ey_resnet18_cifar10.yaml",
-                "experiments/ssl-ey/ssl-ey_resnet18_cifar100.yaml",
-                "experiments/ssl-ey/ssl-ey_convnet_digits.yaml",
-            ),
-            "available",
-            "SSL-EY and the stochastic CCA/PLS Eckhart-Young losses (losses.CCAEYLoss); solarization of the authors' augmentation not included",
-        ),
-        _entry(
-            "lottery-ownership",
-            "You are caught stealing my winning lottery ticket!",
-            _ARXIV + "2111.00162",
-            "pruning / IP protection",
-            "module",
-            "lit_methods.pruning.LotteryOwnership",
-        ),
-        _entry(
-            "dcc",
-            "Dataset Condensation with Contrastive Signals",
-            _ARXIV + "2202.02916",
-            "dataset distillation",
-            "module",
-            "lit_methods.distillation.DCC",
-        ),
-        _entry(
-            "tas",
-            "Network Pruning via Transformable Architecture Search",
-            _ARXIV + "1905.09717",
-            "pruning / NAS",
-            "module",
-            "lit_methods.nas.TAS",
-        ),
-        _entry(
-            "eeea-net",
-            "EEEA-Net: An Early Exit Evolutionary Neural Architecture Search",
-            _ARXIV + "2108.06156",
-            "NAS",
-            "module",
-            "lit_methods.nas.EEEANet",
-        ),
-        MethodEntry(
-            "mlc",
-            "Unsupervised Manifold Linearizing and Clustering",
-            _ARXIV + "2301.01805",
-            "clustering",
-            "module",
-            "lit_methods.ssl.MLC",
-            (
-                "experiments/mlc/tcr_resnet18_cifar10.yaml",
-                "experiments/mlc/mlc_resnet18_cifar10.yaml",
-                "experiments/mlc/tcr_convnet_digits.yaml",
-                "experiments/mlc/mlc_convnet_digits.yaml",
-            ),
-            "available",
-            "stage 1 TCRPretrain (losses.TotalCodingRateLoss), stage 2 MLC from its checkpoint (pretrained_checkpoint) or MLC.from_pretrained; on digits 0-3 MLC clusters at 0.96/0.95/0.96 (3 seeds) vs k-means 0.68/0.64/0.54 on the TCR features and 0.88 on pixels; eta/eps/lambda unconfirmed (appendix and official code not found)",
-        ),
-        MethodEntry(
-            "selfie",
-            "Selfie: Self-supervised Pretraining for Image Embedding",
-            _ARXIV + "1906.02940",
-            "self-supervised",
-            "module",
-            "lit_methods.ssl.Selfie",
-            (
-                "experiments/selfie/selfie_resnet50_cifar10.yaml",
-                "experiments/selfie/selfie-finetune_resnet50_cifar10.yaml",
-                "experiments/selfie/selfie_resnet20_fashion_mnist.yaml",
-            ),
-            "available",
-            "patch network, attention pooling, patch-choice loss; fine-tuning with SelfieFineTuner; no official code exists, the patch network is a whole backbone",
-        ),
-        _entry(
-            "cuda-unlearnable",
-            "CUDA: Convolution-based Unlearnable Datasets",
-            _ARXIV + "2303.04278",
-            "data protection",
-            "transform",
-            "lit_methods.datamodules.unlearnable.CUDATransform",
-        ),
-        _entry(
-            "pubdef",
-            "PubDef: Defending Against Transfer Attacks From Public Models",
-            _ARXIV + "2310.17645",
-            "robustness",
-            "module",
-            "lit_methods.robustness.PubDef",
-        ),
-        MethodEntry(
-            "multi-sample-dropout",
-            "Multi-Sample Dropout for Accelerated Training and Better Generalization",
-            _ARXIV + "1905.09788",
-            "regularization",
-            "module",
-            "lit_methods.supervised.MultiSampleDropoutClassifier",
-            (
-                "experiments/multi-sample-dropout/multi-sample-dropout_vgg16_cifar10.yaml",
-                "experiments/multi-sample-dropout/multi-sample-dropout_convnet_fashion_mnist.yaml",
-            ),
-            "available",
-        ),
-        _entry(
-            "sparse-then-prune",
-            "Sparse then Prune: Toward Efficient Vision Transformers",
-            _ARXIV + "2307.11988",
-            "pruning",
-            "module",
-            "lit_methods.pruning.SparseThenPrune",
-        ),
-        MethodEntry(
-            "hard-batches",
-            "Can we learn better with hard samples?",
-            _ARXIV + "2304.03486",
-            "training schedule",
-            "module",
-            "lit_methods.supervised.HardBatchClassifier",
-            (
-                "experiments/hard-batches/hard-batches_resnet18_cifar10.yaml",
-                "experiments/hard-batches/hard-batches_convnet_digits.yaml",
-            ),
-            "available",
-            "with lit_methods.datamodules.HardBatchDataModule; exact resume from any checkpoint (under DDP: from pass boundaries)",
-        ),
-        MethodEntry(
-            "bd-kd",
-            "BD-KD: Balancing the Divergences for Online Knowledge Distillation",
-            _ARXIV + "2212.12965",
-            "knowledge distillation",
-            "module",
-            "lit_methods.knowledge_distillation.BDKD",
-            ("experiments/bd-kd/bd-kd_resnet56_resnet20_cifar100.yaml",),
-            "available",
-        ),
-        _entry(
-            "kdgqa",
-            "Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention",
-            _ARXIV + "2408.08454",
-            "architecture",
-            "backbone",
-            "lit_methods.nets.KDGQAViT",
-        ),
-        MethodEntry(
-            "mixed-barlow-twins",
-            "Guarding Barlow Twins Against Overfitting with Mixed Samples",
-            _ARXIV + "2312.02151",
-            "self-supervised",
-            "module",
-            "lit_methods.ssl.MixedBarlowTwins",
-            (
-                "experiments/mixed-barlow-twins/mixed-barlow-twins_resnet18_cifar10.yaml",
-                "experiments/mixed-barlow-twins/mixed-barlow-twins_convnet_digits.yaml",
-            ),
-            "available",
-            "Barlow Twins plus the mixed-sample regularizer (losses.MixedBarlowTwinsRegularizer, global-batch under DDP); SGD/LARS instead of the official Adam",
-        ),
-        _entry(
-            "iir-snn",
-            "One Timestep is All You Need: Training Spiking Neural Networks with Ultra Low Latency",
-            _ARXIV + "2110.05929",
-            "spiking nets",
-            "module",
-            "lit_methods.snn.IIRSNN",
-        ),
-        MethodEntry(
-            "adv-finetune",
-            "A Simple Fine-tuning Is All You Need: Robust Deep Learning Via Adversarial Fine-tuning",
-            _ARXIV + "2012.13628",
-            "robustness",
-            "module",
-            "lit_methods.robustness.AdversarialFineTune",
-            (
-                "experiments/adv-finetune/adv-finetune_resnet18_cifar10.yaml",
-                "experiments/adv-finetune/adv-finetune_convnet_digits.yaml",
-            ),
-            "partial",
-            "PGD training/fine-tuning, PGD and AutoAttack (torchattacks) evaluation; the slow-start fast-decay schedule's constants are unconfirmed (ours)",
-        ),
-        MethodEntry(
-            "ghost-bn",
-            "Train longer, generalize better (Ghost Batch Normalization, regime adaptation)",
-            _ARXIV + "1705.08741",
-            "large-batch training",
-            "callback",
-            "lit_methods.callbacks.GhostBatchNorm",
-            (
-                "experiments/ghost-bn/ghost-bn_resnet20_cifar10.yaml",
-                "experiments/ghost-bn/ghost-bn_resnet20_cifar10_regime-adaptation.yaml",
-                "experiments/ghost-bn/ghost-bn_convnet_fashion_mnist.yaml",
-            ),
-            "available",
-        ),
-        _entry(
-            "time-shift",
-            "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps",
-            _ARXIV + "2305.15583",
-            "generative",
-            "sampler",
-            "lit_methods.diffusion.TimeShiftSampler",
-        ),
-        _entry(
-            "cabage",
-            "CaBaGe: Data-Free Model Extraction using Class Balanced Generator Ensemble",
-            _ARXIV + "2409.10643",
-            "model extraction",
-            "module",
-            "lit_methods.robustness.CaBaGe",
-        ),
-        _entry(
-            "nmc-baseline",
-            "A Simple Baseline that Questions the Use of Pretrained-Models in Continual Learning",
-            _ARXIV + "2210.04428",
-            "continual",
-            "module",
-            "lit_methods.continual.NMCBaseline",
-        ),
-        _entry(
-            "napa-vq",
-            "NAPA-VQ: Neighborhood Aware Prototype Augmentation with Vector Quantization",
-            "https://openaccess.thecvf.com/content/ICCV2023/html/Malepathirana_NAPA-VQ_Neighborhood-Aware_Prototype_Augmentation_with_Vector_Quantization_for_Continual_Learning_ICCV_2023_paper.html",
-            "continual",
-            "module",
-            "lit_methods.continual.NAPAVQ",
-        ),
-        _entry(
-            "otov2",
-            "OTOV2: Automatic, Generic, User-Friendly",
-            _ARXIV + "2303.06862",
-            "pruning",
-            "module",
-            "lit_methods.pruning.OTOv2",
-        ),
-        _entry(
-            "datadam",
-            "DataDAM: Efficient Dataset Distillation with Attention Matching",
-            _ARXIV + "2310.00093",
-            "dataset distillation",
-            "module",
-            "lit_methods.distillation.DataDAM",
-        ),
-        MethodEntry(
-            "subgroup-fairness",
-            "Better May Not Be Fairer: Subgroup Discrepancy (CIFAR10-B, MacroStd, FlowAug)",
-            _ARXIV + "2212.08649",
-            "evaluation",
-            "metric",
-            "lit_methods.supervised.MacroStd",
-            (
-                "experiments/subgroup-fairness/subgroup-fairness_resnet18_cifar10b.yaml",
-                "experiments/subgroup-fairness/subgroup-fairness_resnet18_cifar10b_flowaug.yaml",
-                "experiments/subgroup-fairness/flowaug_glow_cifar10.yaml",
-                "experiments/subgroup-fairness/flowaug_glow_digits.yaml",
-                "experiments/subgroup-fairness/subgroup-fairness_convnet_digits_flowaug.yaml",
-            ),
-            "available",
-            "CIFAR10-B/100-B, MacroStd, FlowAug on a Glow you train with FlowPretraining (the paper's pre-trained Glow is not published)",
-        ),
-        MethodEntry(
-            "adapt",
-            "Adaptive Precision Training (AdaPT)",
-            _ARXIV + "2107.13490",
-            "quantized training",
-            "callback",
-            "lit_methods.callbacks.AdaptivePrecision",
-            (
-                "experiments/adapt/adapt_resnet20_cifar10.yaml",
-                "experiments/adapt/adapt_resnet20_cifar100.yaml",
-                "experiments/adapt/adapt_convnet_digits.yaml",
-            ),
-            "available",
-            "fixed-point weights/gradients (and optionally activations) with per-layer precision switching; follows the official code where the card differs",
-        ),
-        _entry(
-            "deps",
-            "DεpS: Delayed ε-Shrinking for Faster Once-For-All Training",
-            _ARXIV + "2407.06167",
-            "once-for-all",
-            "module",
-            "lit_methods.nas.DEpS",
-        ),
-        MethodEntry(
-            "hallucinator",
-            "Hallucination Improves the Performance of Unsupervised Visual Representation Learning",
-            _ARXIV + "2307.12168",
-            "self-supervised",
-            "module",
-            "lit_methods.ssl.Hallucinator",
-            (
-                "experiments/hallucinator/hallucinator_resnet18_cifar10.yaml",
-                "experiments/hallucinator/hallucinator_convnet_digits.yaml",
-            ),
-            "available",
-            "option of SimCLR, SimSiam and MoCo v2 (hallucinator=true); ContrastiveCrop not included",
-        ),
-        _entry(
-            "pndm",
-            "Pseudo Numerical Methods for Diffusion Models on Manifolds",
-            _ARXIV + "2202.09778",
-            "generative",
-            "sampler",
-            "lit_methods.diffusion.PNDMSampler",
-        ),
-        _entry(
-            "rd-prune",
-            "Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep Neural Networks",
-            "https://openaccess.thecvf.com/content/ICCV2023/html/Xu_Efficient_Joint_Optimization_of_Layer-Adaptive_Weight_Pruning_in_Deep_Neural_ICCV_2023_paper.html",
-            "pruning",
-            "module",
-            "lit_methods.pruning.RDPrune",
-        ),
-    ]
-}
+_ENTRIES = (
+    MethodEntry(
+        slug="baseline",
+        paper="Deep Residual Learning for Image Recognition (supervised baseline classifier)",
+        url=_ARXIV + "1512.03385",
+        family="supervised",
+        kind="module",
+        import_path="lit_methods.ImageClassifier",
+        status="available",
+        config_patterns=("quickstart.yaml", "baseline/*.yaml"),
+        cpu_config="experiments/quickstart.yaml",
+    ),
+    MethodEntry(
+        slug="simclr",
+        paper="A Simple Framework for Contrastive Learning of Visual Representations (SimCLR)",
+        url=_ARXIV + "2002.05709",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.SimCLR",
+        status="available",
+        config_patterns=("ssl/simclr_*.yaml",),
+        cpu_config="experiments/ssl/simclr_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="barlow-twins",
+        paper="Barlow Twins: Self-Supervised Learning via Redundancy Reduction",
+        url=_ARXIV + "2103.03230",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.BarlowTwins",
+        status="available",
+        config_patterns=("ssl/barlow_twins_*.yaml",),
+        cpu_config="experiments/ssl/barlow_twins_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="simsiam",
+        paper="Exploring Simple Siamese Representation Learning (SimSiam)",
+        url=_ARXIV + "2011.10566",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.SimSiam",
+        status="available",
+        config_patterns=("ssl/simsiam_*.yaml",),
+        cpu_config="experiments/ssl/simsiam_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="moco-v2",
+        paper="Improved Baselines with Momentum Contrastive Learning (MoCo v2)",
+        url=_ARXIV + "2003.04297",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.MoCoV2",
+        status="available",
+        config_patterns=("ssl/moco_v2_*.yaml",),
+        cpu_config="experiments/ssl/moco_v2_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="linear-eval",
+        paper="Revisiting Self-Supervised Visual Representation Learning (linear evaluation of frozen features)",
+        url=_ARXIV + "1901.09005",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.LinearEvaluation",
+        status="available",
+        config_patterns=("ssl/linear_eval_*.yaml",),
+        cpu_config="experiments/ssl/linear_eval_convnet_digits.yaml",
+        note="reads an SSL checkpoint (ssl_checkpoint): run simclr_convnet_digits.yaml first",
+    ),
+    MethodEntry(
+        slug="fyi",
+        paper="FYI: Flip Your Images for Dataset Distillation",
+        url=_ARXIV + "2407.08113",
+        family="dataset distillation",
+        kind="module",
+        import_path="lit_methods.distillation.FYI",
+    ),
+    MethodEntry(
+        slug="fedloge",
+        paper="FedLoGe: Joint Local and Generic Federated Learning under Long-tailed Data",
+        url=_ARXIV + "2401.08977",
+        family="federated",
+        kind="module",
+        import_path="lit_methods.federated.FedLoGe",
+    ),
+    MethodEntry(
+        slug="dicesgd",
+        paper="Differentially Private SGD Without Clipping Bias: An Error-Feedback Approach",
+        url=_ARXIV + "2311.14632",
+        family="privacy",
+        kind="callback",
+        import_path="lit_methods.callbacks.ErrorFeedbackDP",
+        status="available",
+        cpu_config="experiments/dicesgd/dicesgd_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="worst-case-forget",
+        paper="Challenging Forgets: Unveiling the Worst-Case Forget Sets in Machine Unlearning",
+        url=_ARXIV + "2403.07362",
+        family="unlearning",
+        kind="module",
+        import_path="lit_methods.unlearning.WorstCaseForget",
+    ),
+    MethodEntry(
+        slug="projection-head",
+        paper="Investigating the Benefits of Projection Head for Representation Learning",
+        url=_ARXIV + "2403.11391",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.ProjectionHeadStudy",
+        status="available",
+        cpu_config="experiments/projection-head/projection-head_convnet_digits.yaml",
+        note="SupCon and the spurious-feature benchmarks not included",
+    ),
+    MethodEntry(
+        slug="ap",
+        paper="AP: Selective Activation for De-sparsifying Pruned Neural Networks",
+        url=_ARXIV + "2212.06145",
+        family="pruning",
+        kind="callback",
+        import_path="lit_methods.callbacks.ActivatingWhilePruning",
+        status="available",
+        cpu_config="experiments/ap/ap_convnet_fashion_mnist.yaml",
+    ),
+    MethodEntry(
+        slug="tesla",
+        paper="Scaling Up Dataset Distillation to ImageNet-1K with Constant Memory",
+        url=_ARXIV + "2211.10586",
+        family="dataset distillation",
+        kind="module",
+        import_path="lit_methods.distillation.TESLA",
+    ),
+    MethodEntry(
+        slug="randaugment",
+        paper="RandAugment: Practical automated data augmentation with a reduced search space",
+        url=_ARXIV + "1909.13719",
+        family="augmentation",
+        kind="transform",
+        import_path="lit_methods.datamodules.transforms.randaugment",
+        status="available",
+        cpu_config="experiments/randaugment/randaugment_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="spectformer",
+        paper="SpectFormer: Frequency and Attention is what you need in a Vision Transformer",
+        url=_ARXIV + "2304.06446",
+        family="architecture",
+        kind="backbone",
+        import_path="lit_methods.nets.SpectFormer",
+    ),
+    MethodEntry(
+        slug="fedossl",
+        paper="Towards Unbiased Training in Federated Open-world Semi-supervised Learning",
+        url=_ARXIV + "2305.00771",
+        family="federated",
+        kind="module",
+        import_path="lit_methods.federated.FedoSSL",
+    ),
+    MethodEntry(
+        slug="slimfit",
+        paper="SlimFit: Memory-Efficient Fine-Tuning of Transformer-based Models Using Training Dynamics",
+        url=_ARXIV + "2305.18513",
+        family="efficient fine-tuning",
+        kind="callback",
+        import_path="lit_methods.callbacks.SlimFit",
+        status="available",
+        cpu_config="experiments/slimfit/slimfit_vit_digits.yaml",
+    ),
+    MethodEntry(
+        slug="polarization",
+        paper="Learning a Consensus Sub-Network with Polarization Regularization and One Pass Training",
+        url=_ARXIV + "2302.10798",
+        family="pruning",
+        kind="module",
+        import_path="lit_methods.pruning.Polarization",
+    ),
+    MethodEntry(
+        slug="diffusion",
+        paper="Enhancing Diffusion Models for High-Quality Image Generation (DDPM, DDIM, CFG, latent)",
+        url=_ARXIV + "2412.14422",
+        family="generative",
+        kind="module",
+        import_path="lit_methods.diffusion.Diffusion",
+    ),
+    MethodEntry(
+        slug="crossmax",
+        paper="Ensemble everything everywhere: Multi-scale aggregation for adversarial robustness",
+        url=_ARXIV + "2408.05446",
+        family="robustness",
+        kind="module",
+        import_path="lit_methods.robustness.CrossMax",
+    ),
+    MethodEntry(
+        slug="ssl-ey",
+        paper="Unconstrained Stochastic CCA: Unifying Multiview and Self-Supervised Learning",
+        url=_ARXIV + "2310.01012",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.SSLEY",
+        status="available",
+        cpu_config="experiments/ssl-ey/ssl-ey_convnet_digits.yaml",
+        note="solarization of the authors' augmentation not included",
+    ),
+    MethodEntry(
+        slug="lottery-ownership",
+        paper="You are caught stealing my winning lottery ticket!",
+        url=_ARXIV + "2111.00162",
+        family="pruning / IP protection",
+        kind="module",
+        import_path="lit_methods.pruning.LotteryOwnership",
+    ),
+    MethodEntry(
+        slug="dcc",
+        paper="Dataset Condensation with Contrastive Signals",
+        url=_ARXIV + "2202.02916",
+        family="dataset distillation",
+        kind="module",
+        import_path="lit_methods.distillation.DCC",
+    ),
+    MethodEntry(
+        slug="tas",
+        paper="Network Pruning via Transformable Architecture Search",
+        url=_ARXIV + "1905.09717",
+        family="pruning / NAS",
+        kind="module",
+        import_path="lit_methods.nas.TAS",
+    ),
+    MethodEntry(
+        slug="eeea-net",
+        paper="EEEA-Net: An Early Exit Evolutionary Neural Architecture Search",
+        url=_ARXIV + "2108.06156",
+        family="NAS",
+        kind="module",
+        import_path="lit_methods.nas.EEEANet",
+    ),
+    MethodEntry(
+        slug="mlc",
+        paper="Unsupervised Manifold Linearizing and Clustering",
+        url=_ARXIV + "2301.01805",
+        family="clustering",
+        kind="module",
+        import_path="lit_methods.ssl.MLC",
+        status="available",
+        cpu_config="experiments/mlc/mlc_convnet_digits.yaml",
+        note="two stages: run tcr_convnet_digits.yaml first; eta/eps/lambda unconfirmed",
+    ),
+    MethodEntry(
+        slug="selfie",
+        paper="Selfie: Self-supervised Pretraining for Image Embedding",
+        url=_ARXIV + "1906.02940",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.Selfie",
+        status="available",
+        cpu_config="experiments/selfie/selfie_resnet20_fashion_mnist.yaml",
+        note="no official code; the patch network is a whole backbone",
+    ),
+    MethodEntry(
+        slug="cuda-unlearnable",
+        paper="CUDA: Convolution-based Unlearnable Datasets",
+        url=_ARXIV + "2303.04278",
+        family="data protection",
+        kind="transform",
+        import_path="lit_methods.datamodules.unlearnable.CUDATransform",
+    ),
+    MethodEntry(
+        slug="pubdef",
+        paper="PubDef: Defending Against Transfer Attacks From Public Models",
+        url=_ARXIV + "2310.17645",
+        family="robustness",
+        kind="module",
+        import_path="lit_methods.robustness.PubDef",
+    ),
+    MethodEntry(
+        slug="multi-sample-dropout",
+        paper="Multi-Sample Dropout for Accelerated Training and Better Generalization",
+        url=_ARXIV + "1905.09788",
+        family="regularization",
+        kind="module",
+        import_path="lit_methods.supervised.MultiSampleDropoutClassifier",
+        status="available",
+        cpu_config="experiments/multi-sample-dropout/multi-sample-dropout_convnet_fashion_mnist.yaml",
+    ),
+    MethodEntry(
+        slug="sparse-then-prune",
+        paper="Sparse then Prune: Toward Efficient Vision Transformers",
+        url=_ARXIV + "2307.11988",
+        family="pruning",
+        kind="module",
+        import_path="lit_methods.pruning.SparseThenPrune",
+    ),
+    MethodEntry(
+        slug="hard-batches",
+        paper="Can we learn better with hard samples?",
+        url=_ARXIV + "2304.03486",
+        family="training schedule",
+        kind="module",
+        import_path="lit_methods.supervised.HardBatchClassifier",
+        status="available",
+        cpu_config="experiments/hard-batches/hard-batches_convnet_digits.yaml",
+        note="trains on lit_methods.datamodules.HardBatchDataModule",
+    ),
+    MethodEntry(
+        slug="bd-kd",
+        paper="BD-KD: Balancing the Divergences for Online Knowledge Distillation",
+        url=_ARXIV + "2212.12965",
+        family="knowledge distillation",
+        kind="module",
+        import_path="lit_methods.knowledge_distillation.BDKD",
+        status="available",
+        cpu_config="experiments/bd-kd/bd-kd_convnet_digits.yaml",
+    ),
+    MethodEntry(
+        slug="kdgqa",
+        paper="Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention",
+        url=_ARXIV + "2408.08454",
+        family="architecture",
+        kind="backbone",
+        import_path="lit_methods.nets.KDGQAViT",
+    ),
+    MethodEntry(
+        slug="mixed-barlow-twins",
+        paper="Guarding Barlow Twins Against Overfitting with Mixed Samples",
+        url=_ARXIV + "2312.02151",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.MixedBarlowTwins",
+        status="available",
+        cpu_config="experiments/mixed-barlow-twins/mixed-barlow-twins_convnet_digits.yaml",
+        note="SGD/LARS instead of the official Adam",
+    ),
+    MethodEntry(
+        slug="iir-snn",
+        paper="One Timestep is All You Need: Training Spiking Neural Networks with Ultra Low Latency",
+        url=_ARXIV + "2110.05929",
+        family="spiking nets",
+        kind="module",
+        import_path="lit_methods.snn.IIRSNN",
+    ),
+    MethodEntry(
+        slug="adv-finetune",
+        paper="A Simple Fine-tuning Is All You Need: Robust Deep Learning Via Adversarial Fine-tuning",
+        url=_ARXIV + "2012.13628",
+        family="robustness",
+        kind="module",
+        import_path="lit_methods.robustness.AdversarialFineTune",
+        status="partial",
+        cpu_config="experiments/adv-finetune/adv-finetune_convnet_digits.yaml",
+        note="the slow-start fast-decay schedule's constants are unconfirmed (ours)",
+    ),
+    MethodEntry(
+        slug="ghost-bn",
+        paper="Train longer, generalize better (Ghost Batch Normalization, regime adaptation)",
+        url=_ARXIV + "1705.08741",
+        family="large-batch training",
+        kind="callback",
+        import_path="lit_methods.callbacks.GhostBatchNorm",
+        status="available",
+        cpu_config="experiments/ghost-bn/ghost-bn_convnet_fashion_mnist.yaml",
+    ),
+    MethodEntry(
+        slug="time-shift",
+        paper="Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time Steps",
+        url=_ARXIV + "2305.15583",
+        family="generative",
+        kind="sampler",
+        import_path="lit_methods.diffusion.TimeShiftSampler",
+    ),
+    MethodEntry(
+        slug="cabage",
+        paper="CaBaGe: Data-Free Model Extraction using Class Balanced Generator Ensemble",
+        url=_ARXIV + "2409.10643",
+        family="model extraction",
+        kind="module",
+        import_path="lit_methods.robustness.CaBaGe",
+    ),
+    MethodEntry(
+        slug="nmc-baseline",
+        paper="A Simple Baseline that Questions the Use of Pretrained-Models in Continual Learning",
+        url=_ARXIV + "2210.04428",
+        family="continual",
+        kind="module",
+        import_path="lit_methods.continual.NMCBaseline",
+    ),
+    MethodEntry(
+        slug="napa-vq",
+        paper="NAPA-VQ: Neighborhood Aware Prototype Augmentation with Vector Quantization",
+        url="https://openaccess.thecvf.com/content/ICCV2023/html/Malepathirana_NAPA-VQ_Neighborhood-Aware_Prototype_Augmentation_with_Vector_Quantization_for_Continual_Learning_ICCV_2023_paper.html",
+        family="continual",
+        kind="module",
+        import_path="lit_methods.continual.NAPAVQ",
+    ),
+    MethodEntry(
+        slug="otov2",
+        paper="OTOV2: Automatic, Generic, User-Friendly",
+        url=_ARXIV + "2303.06862",
+        family="pruning",
+        kind="module",
+        import_path="lit_methods.pruning.OTOv2",
+    ),
+    MethodEntry(
+        slug="datadam",
+        paper="DataDAM: Efficient Dataset Distillation with Attention Matching",
+        url=_ARXIV + "2310.00093",
+        family="dataset distillation",
+        kind="module",
+        import_path="lit_methods.distillation.DataDAM",
+    ),
+    MethodEntry(
+        slug="subgroup-fairness",
+        paper="Better May Not Be Fairer: Subgroup Discrepancy (CIFAR10-B, MacroStd, FlowAug)",
+        url=_ARXIV + "2212.08649",
+        family="evaluation",
+        kind="metric",
+        import_path="lit_methods.supervised.MacroStd",
+        status="available",
+        cpu_config="experiments/subgroup-fairness/subgroup-fairness_convnet_digits_flowaug.yaml",
+        note="the paper's pre-trained Glow is not published: train one (FlowPretraining)",
+    ),
+    MethodEntry(
+        slug="adapt",
+        paper="Adaptive Precision Training (AdaPT)",
+        url=_ARXIV + "2107.13490",
+        family="quantized training",
+        kind="callback",
+        import_path="lit_methods.callbacks.AdaptivePrecision",
+        status="available",
+        cpu_config="experiments/adapt/adapt_convnet_digits.yaml",
+        note="follows the official code where the card differs",
+    ),
+    MethodEntry(
+        slug="deps",
+        paper="DεpS: Delayed ε-Shrinking for Faster Once-For-All Training",
+        url=_ARXIV + "2407.06167",
+        family="once-for-all",
+        kind="module",
+        import_path="lit_methods.nas.DEpS",
+    ),
+    MethodEntry(
+        slug="hallucinator",
+        paper="Hallucination Improves the Performance of Unsupervised Visual Representation Learning",
+        url=_ARXIV + "2307.12168",
+        family="self-supervised",
+        kind="module",
+        import_path="lit_methods.ssl.Hallucinator",
+        status="available",
+        cpu_config="experiments/hallucinator/hallucinator_convnet_digits.yaml",
+        note="an option of SimCLR, SimSiam and MoCo v2; ContrastiveCrop not included",
+    ),
+    MethodEntry(
+        slug="pndm",
+        paper="Pseudo Numerical Methods for Diffusion Models on Manifolds",
+        url=_ARXIV + "2202.09778",
+        family="generative",
+        kind="sampler",
+        import_path="lit_methods.diffusion.PNDMSampler",
+    ),
+    MethodEntry(
+        slug="rd-prune",
+        paper="Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep Neural Networks",
+        url="https://openaccess.thecvf.com/content/ICCV2023/html/Xu_Efficient_Joint_Optimization_of_Layer-Adaptive_Weight_Pruning_in_Deep_Neural_ICCV_2023_paper.html",
+        family="pruning",
+        kind="module",
+        import_path="lit_methods.pruning.RDPrune",
+    ),)
+
+METHODS: dict[str, MethodEntry] = {entry.slug: entry for entry in _ENTRIES}
 
 
 def get_method(slug: str) -> MethodEntry:
-    """The registry entry of ``slug``; a ``KeyError`` lists the known slugs."""
+    """The registry entry of ``slug``; a ``KeyError`` names the closest slugs (or all of them)."""
     try:
         return METHODS[slug]
     except KeyError:
-        raise KeyError(f"unknown method {slug!r}; known: {', '.join(sorted(METHODS))}") from None
+        close = close_matches(slug)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(METHODS))}"
+        raise KeyError(f"unknown method {slug!r}; {hint}") from None
+
+
+def close_matches(slug: str) -> list[str]:
+    """Registered slugs that look like ``slug`` (a prefix, a substring or a near spelling), best first."""
+    near = difflib.get_close_matches(slug, list(METHODS), n=5, cutoff=0.6)
+    containing = [s for s in METHODS if slug and (slug in s or s in slug) and s not in near]
+    return near + sorted(containing)
 
 
 def import_method(slug: str) -> object:
@@ -539,22 +616,59 @@ def import_method(slug: str) -> object:
     return getattr(importlib.import_module(module_name), name)
 
 
-def format_table(markdown: bool = False) -> str:
-    """The registry as a Markdown table (the README's) or as aligned plain text."""
-    header = ("slug", "paper", "family", "how to run", "status")
-    rows = []
-    for e in METHODS.values():
-        paper = f"[{e.paper}]({e.url})" if (markdown and e.url) else e.paper
-        status = f"{e.status}: {e.note}" if e.note else e.status
-        rows.append((f"`{e.slug}`" if markdown else e.slug, paper, e.family, e.run, status))
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in (0, 2, 4)]
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_list(width: int = 80) -> str:
+    """One line per method: slug, status, family (cut to :data:`LIST_FAMILY_CHARS`) and paper title, each line cut to
+    ``width`` characters with an ellipsis."""
+    slug_width = max(len(slug) for slug in METHODS)
+    status_width = max(len(e.status) for e in METHODS.values())
+    rows = [("slug", "status", "family", "paper"), *((e.slug, e.status, e.family, e.paper) for e in METHODS.values())]
     return "\n".join(
-        f"{r[0]:<{widths[0]}}  {r[4]:<{widths[2]}}  {r[2]:<{widths[1]}}  {r[1]}" for r in [header, *rows]
+        _truncate(
+            f"{slug:<{slug_width}}  {status:<{status_width}}  "
+            f"{_truncate(family, LIST_FAMILY_CHARS):<{LIST_FAMILY_CHARS}}  {paper}",
+            width,
+        )
+        for slug, status, family, paper in rows
     )
+
+
+def format_table() -> str:
+    """The registry as the README's Markdown table."""
+    header = ("slug", "paper", "family", "how to run", "status")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in METHODS.values():
+        status = f"{e.status}: {e.note}" if e.note else e.status
+        lines.append(f"| `{e.slug}` | [{e.paper}]({e.url}) | {e.family} | {e.run} | {status} |")
+    return "\n".join(lines)
+
+
+def first_paragraph(text: str | None) -> str:
+    """The first paragraph of a docstring, on one line."""
+    paragraph = inspect.cleandoc(text or "").split("\n\n", 1)[0]
+    return " ".join(paragraph.split())
+
+
+def describe(slug: str) -> str:
+    """What ``lit-methods show SLUG`` prints: paper, code, configs, status and the class docstring's first paragraph."""
+    entry = get_method(slug)
+    lines = [
+        f"{entry.slug}: {entry.paper}",
+        f"  paper:      {entry.url}",
+        f"  family:     {entry.family} ({entry.kind})",
+        f"  code:       {entry.import_path}",
+        f"  status:     {entry.status}" + (f" ({entry.note})" if entry.note else ""),
+    ]
+    if entry.status == "planned":
+        return "\n".join(lines)
+    lines.append(f"  cpu config: {entry.cpu_config}")
+    lines.append("  configs:")
+    lines += [f"    {config}" for config in entry.configs]
+    lines += ["", textwrap.fill(first_paragraph(import_method(slug).__doc__), width=100)]
+    return "\n".join(lines)
 
 
 README_START = "<!-- registry-table:start -->"
@@ -567,7 +681,7 @@ def with_registry_table(readme: str) -> str:
     _, end, tail = rest.partition(README_END)
     if not start or not end:
         raise ValueError(f"the README lacks the markers {README_START} ... {README_END}")
-    return f"{head}{start}\n{format_table(markdown=True)}\n{end}{tail}"
+    return f"{head}{start}\n{format_table()}\n{end}{tail}"
 
 
 if __name__ == "__main__":  # python -m lit_methods.registry README.md: regenerate the README's table

@@ -13,7 +13,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from lit_methods.cli import LitMethodsCLI, main, redact_namespace, redact_secrets, resolve_config_path
-from lit_methods.registry import METHODS
+from lit_methods.registry import METHODS, format_table
 from tests.downstream_project.augments import ConstantPixels
 from tests.downstream_project.focal import FocalLossClassifier
 
@@ -123,8 +123,27 @@ def test_secret_looking_keys_are_redacted():
 
 def test_list_prints_every_registered_method(capsys):
     main(["list"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == list(METHODS)
+    assert all(len(line) <= 80 for line in lines)
+    main(["list", "--markdown"])
+    assert capsys.readouterr().out.strip() == format_table()
+
+
+def test_show_prints_a_method_and_an_unknown_slug_exits_with_close_matches(capsys):
+    main(["show", "simclr"])
     out = capsys.readouterr().out
-    assert all(slug in out for slug in METHODS)
+    assert METHODS["simclr"].url in out and "experiments/ssl/simclr_convnet_digits.yaml" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", "simclrr"])
+    assert exit_info.value.code != 0 and "did you mean simclr" in str(exit_info.value.code)
+
+
+def test_help_names_the_registry_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "lit-methods list" in out and "lit-methods show SLUG" in out
 
 
 def test_module_entry_point_runs():

@@ -10,7 +10,7 @@ teacher is regularised towards the student with a KL term. The exact weights are
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,8 @@ class BDKD(ImageClassifier):
         distillation_weight: weight of the distillation terms next to each network's cross-entropy.
         **kwargs: the arguments of :class:`~lit_methods.ImageClassifier`.
     """
+
+    slug: ClassVar[str] = "bd-kd"
 
     def __init__(
         self,

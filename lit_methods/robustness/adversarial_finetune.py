@@ -11,7 +11,7 @@ follow the paper's description "slow start, fast decay" and are unconfirmed agai
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,7 @@ class AdversarialFineTune(ImageClassifier):
         **kwargs: the other arguments of :class:`~lit_methods.ImageClassifier` (``lr`` is the peak).
     """
 
+    slug: ClassVar[str] = "adv-finetune"
     lr_schedules = (*ImageClassifier.lr_schedules, "slow_start_fast_decay")
     requires_pixel_inputs = True
 

@@ -3,7 +3,7 @@ arXiv:2103.03230)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -23,6 +23,8 @@ class BarlowTwins(SSLMethod):
         gather_distributed: under DDP, correlate over the global batch.
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "barlow-twins"
 
     def __init__(
         self,

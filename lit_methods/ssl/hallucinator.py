@@ -12,6 +12,8 @@ evaluation: the backbone's features never pass through it.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +37,8 @@ class Hallucinator(nn.Module):
             1024 for SimSiam's 512).
         max_ratio: upper end of the extrapolation ratio's uniform range (official: 0.1).
     """
+
+    slug: ClassVar[str] = "hallucinator"
 
     def __init__(self, dim: int, hidden_dim: int | None = None, max_ratio: float = 0.1) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ arXiv:2002.05709, and every later SSL paper)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ class LinearEvaluation(MethodBase):
         inputs_normalized: ``False`` when batches are [0, 1] pixels: the model normalizes them with ``mean`` and
             ``std`` first.
     """
+
+    slug: ClassVar[str] = "linear-eval"
 
     def __init__(
         self,

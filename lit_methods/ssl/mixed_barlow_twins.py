@@ -3,7 +3,7 @@ https://arxiv.org/abs/2312.02151)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ class MixedBarlowTwins(BarlowTwins):
         **kwargs: the arguments of :class:`~lit_methods.ssl.BarlowTwins` (``lambda_offdiag`` is ``lambda_BT``,
             ``gather_distributed`` applies to both terms) and :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "mixed-barlow-twins"
 
     def __init__(
         self,

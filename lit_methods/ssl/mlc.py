@@ -4,7 +4,7 @@ https://arxiv.org/abs/2301.01805)."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,8 @@ class MLC(SSLMethod):
             head start this model (and its cluster head), read at :meth:`setup`; ``None``: random initialisation.
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod` (``num_classes`` is the number of clusters).
     """
+
+    slug: ClassVar[str] = "mlc"
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,8 @@ class MoCoV2(SSLMethod):
         hallucinator_max_ratio: upper end of the Hallucinator's extrapolation ratio range (0.1).
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "moco-v2"
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ weights its directions, and :mod:`lit_methods.ssl.projection_head_theory` replic
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +83,8 @@ class ProjectionHeadStudy(SSLMethod):
         gather_distributed: under DDP, take negatives from every rank's batch.
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "projection-head"
 
     def __init__(
         self,

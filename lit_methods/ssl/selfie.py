@@ -3,7 +3,7 @@ https://arxiv.org/abs/1906.02940): masked-patch selection with a convolutional p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,8 @@ class Selfie(SSLMethod):
         dropout: dropout inside the Transformer layers.
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "selfie"
 
     def __init__(
         self,

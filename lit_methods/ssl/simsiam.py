@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,8 @@ class SimSiam(SSLMethod):
         hallucinator_max_ratio: upper end of the Hallucinator's extrapolation ratio range (0.1).
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "simsiam"
 
     def __init__(
         self,

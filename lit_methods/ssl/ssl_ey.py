@@ -4,7 +4,7 @@ Learning", ICLR 2024, https://arxiv.org/abs/2310.01012)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -29,6 +29,8 @@ class SSLEY(SSLMethod):
         gather_distributed: under DDP, compute the covariances over the global batch, as the official code does.
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
+
+    slug: ClassVar[str] = "ssl-ey"
 
     def __init__(
         self,

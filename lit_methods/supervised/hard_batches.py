@@ -3,7 +3,7 @@ arXiv:2304.03486, https://arxiv.org/abs/2304.03486; official code ``imjohnzakkam
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -27,11 +27,13 @@ class HardBatchClassifier(ImageClassifier):
     pass, validation end, every ``n`` steps) continues exactly: the datamodule's checkpoint state holds the
     selector's losses and the loader's position (see :class:`~lit_methods.datamodules.hard_batches.HardBatchLoader` for how
     Lightning re-enters the saved epoch; the first epoch after a resume starts without ``on_train_epoch_start``, as
-    Lightning restarts it).
+    Lightning restarts it). Under DDP the exact resume holds from pass boundaries.
 
     Args:
         **kwargs: the arguments of :class:`~lit_methods.ImageClassifier`.
     """
+
+    slug: ClassVar[str] = "hard-batches"
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = as_batch(batch)

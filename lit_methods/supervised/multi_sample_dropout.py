@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -34,6 +34,8 @@ class MultiSampleDropoutClassifier(ImageClassifier):
         dropout: dropout probability in front of the classifier (paper: 0.5).
         **kwargs: the arguments of :class:`~lit_methods.ImageClassifier`.
     """
+
+    slug: ClassVar[str] = "multi-sample-dropout"
 
     def __init__(self, backbone: nn.Module, num_samples: int = 8, dropout: float = 0.5, **kwargs: Any) -> None:
         if not (hasattr(backbone, "forward_features") and isinstance(getattr(backbone, "fc", None), nn.Module)):

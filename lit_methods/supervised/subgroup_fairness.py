@@ -3,7 +3,7 @@ Classification", ICCV 2023, arXiv:2212.08649): per-subgroup accuracy and the Mac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,8 @@ class MacroStd(Metric):
     are skipped. Lower is more consistent across subgroups. The states are per-(class, subgroup) counts summed
     across processes, so the value under DDP equals the single-process value on the union of the data.
     """
+
+    slug: ClassVar[str] = "subgroup-fairness"
 
     full_state_update = False
     higher_is_better = False
