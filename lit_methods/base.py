@@ -338,8 +338,8 @@ class MethodBase(L.LightningModule):
         if total < 1:
             raise ValueError(
                 f"this run has no optimizer step to size lr_schedule={self.lr_schedule!r} over: max_steps="
-                f"{trainer.max_steps}, {trainer.num_training_batches} training batches per epoch (a batch_size "
-                "larger than the training set gives none when the last partial batch is dropped)"
+                f"{trainer.max_steps}, or the training set gives no batch (a batch_size larger than the training set "
+                "gives none when the last partial batch is dropped)"
             )
         return int(total)
 
