@@ -10,7 +10,14 @@ import pytest
 import torch
 import yaml
 
-from lit_methods.cli import LitMethodsCLI, main, redact_namespace, redact_secrets, resolve_config_path
+from lit_methods.cli import (
+    LitMethodsCLI,
+    main,
+    redact_namespace,
+    redact_secrets,
+    resolve_args,
+    resolve_config_path,
+)
 from lit_methods.registry import METHODS
 from tests.downstream_project.focal import FocalLossClassifier
 
@@ -193,3 +200,66 @@ def test_an_explicit_data_fact_that_disagrees_with_the_data_is_an_error(in_tmp_d
     # agreeing values (an int image size for a square image) are accepted
     cli = LitMethodsCLI(args=["--config", QUICKSTART, *CPU, "--model.backbone.image_size=28"], run=False)
     assert cli.model.backbone.image_size == (28, 28)
+
+
+SECRET = "tok-5ecret-0123456789"
+
+
+def test_secrets_are_redacted_in_every_file_a_run_writes(in_tmp_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(in_tmp_dir))
+    config = {
+        "model": {
+            "class_path": "tests.downstream_project.remote_eval.RemoteEvalClassifier",
+            "init_args": {"service_token": SECRET, "backbone": {"class_path": "lit_methods.nets.ConvNet",
+                                                               "init_args": {"width": 8, "depth": 2}}},
+        },
+        "trainer": {
+            "logger": [
+                {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                 "init_args": {"save_dir": str(in_tmp_dir / "logs"), "project": "secrets"}},
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+            ],
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True}}],
+        },
+    }
+    (in_tmp_dir / "secret.yaml").write_text(yaml.safe_dump(config))
+    cli = LitMethodsCLI(args=["fit", "--config", "secret.yaml", *DIGITS, *CPU, *TINY_FIT])
+    assert cli.model.service_token == SECRET  # the run itself gets the value
+    files = [p for p in in_tmp_dir.rglob("*") if p.is_file() and p.name != "secret.yaml"]
+    (hparams,) = (p for p in files if p.name == "hparams.yaml")
+    assert yaml.safe_load(hparams.read_text())["service_token"] == "<redacted>"
+    checkpoints = [p for p in files if p.suffix == ".ckpt"]
+    assert len(checkpoints) == 2 and any("offline-run" in str(p) for p in files)
+    for checkpoint in checkpoints:
+        assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["service_token"] == "<redacted>"
+    leaking = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaking, leaking
+    # the resolved config lives in the wandb run's own folder (next to its checkpoints), not shared in logs/
+    run_id = cli.trainer.loggers[0].version
+    assert (in_tmp_dir / "logs" / "secrets" / run_id / "config.yaml").is_file()
+    assert (in_tmp_dir / "logs" / "secrets" / run_id / "checkpoints" / "last.ckpt").is_file()
+    assert not (in_tmp_dir / "logs" / "config.yaml").exists()
+
+
+def test_fast_dev_run_saves_no_checkpoint(in_tmp_dir):
+    main(["fit", "--config", "quickstart.yaml", *DIGITS, *TINY_CONVNET, *CPU, "--trainer.fast_dev_run=true",
+          "--test_after_fit=false"])
+    assert not list(in_tmp_dir.rglob("*.ckpt"))
+
+
+def test_short_config_flag_is_looked_up_like_config(in_tmp_dir):
+    expected = str(EXPERIMENTS / "quickstart.yaml")
+    for args in (["-c", "quickstart.yaml"], ["-c=quickstart.yaml"], ["--config", "quickstart.yaml"]):
+        resolved = resolve_args(args)
+        assert Path(resolved[-1].removeprefix("-c=")).read_text() == Path(expected).read_text(), args
+
+
+def test_the_command_line_is_parsed_without_the_args_parameter_warning(in_tmp_dir, monkeypatch, capsys, recwarn):
+    monkeypatch.setattr(sys, "argv", ["lit-methods", "fit", "-c", "quickstart.yaml", *CPU, "--print_config"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "lit_methods.ImageClassifier"
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
