@@ -187,6 +187,7 @@ class LitMethodsCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
         self.checkpoint_hyperparameters: dict[str, Any] = {}
+        self.explicit_config: Namespace | None = None
         try:
             super().__init__(
                 LightningModule,
@@ -210,7 +211,9 @@ class LitMethodsCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
         else:
-            self.config = parser.parse_args(resolve_args(sys.argv[1:] if args is None else args))
+            args = resolve_args(sys.argv[1:] if args is None else args)
+            self.config = parser.parse_args(args)
+            self.explicit_config = parser.parse_args(args, defaults=False)
         self.check_checkpoint()
 
     def check_checkpoint(self) -> None:
@@ -269,8 +272,11 @@ class LitMethodsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        explicit = self.explicit_config
+        if explicit is not None and self.subcommand:
+            explicit = explicit.get(self.subcommand)
         try:
-            fill_data_facts(config)
+            fill_data_facts(config, explicit)
         except DataFactMismatch as error:
             if not _has_key(self.checkpoint_hyperparameters, error.name):
                 raise
@@ -397,8 +403,13 @@ class DataFactMismatch(ValueError):
         self.given_by, self.name, self.given, self.value = given_by, name, given, value
 
 
-def fill_data_facts(config: Namespace) -> None:
-    """Write the datamodule's facts (:data:`DATA_FACTS`) into the model config (see the module doc)."""
+def fill_data_facts(config: Namespace, explicit: Namespace | None = None) -> None:
+    """Write the datamodule's facts (:data:`DATA_FACTS`) into the model config (see the module doc).
+
+    ``explicit`` holds the values given explicitly (the config parsed without defaults): an explicit value that
+    disagrees with the data is an error even when it equals the constructor's default. Without it, values other than
+    the default are taken as explicit.
+    """
     if config.get("data") is None or config.get("model") is None:
         return
     parser = ArgumentParser(exit_on_error=False)
@@ -406,22 +417,33 @@ def fill_data_facts(config: Namespace) -> None:
     datamodule = parser.instantiate_classes(Namespace(data=config.data)).data
     facts = {name: getattr(datamodule, name) for name in DATA_FACTS if hasattr(datamodule, name)}
     facts = {k: list(v) if isinstance(v, tuple) else v for k, v in facts.items()}
-    targets = [config.model]
     init_args = config.model.get("init_args") or Namespace()
-    targets += [v for v in vars(init_args).values() if isinstance(v, Namespace) and "class_path" in v]
-    for target in targets:
+    explicit_model = _explicit_init_args(explicit.get("model") if explicit else None, config.model.class_path)
+    targets = [(config.model, explicit_model)]
+    for key, value in vars(init_args).items():
+        if isinstance(value, Namespace) and "class_path" in value:
+            targets.append((value, _explicit_init_args(explicit_model.get(key), value.class_path)))
+    for target, explicit_args in targets:
         defaults = _parameter_defaults(_import_class(target.class_path))
         if target.get("init_args") is None:
             target.init_args = Namespace()
         for name, value in facts.items():
             if name not in defaults:
                 continue
-            given, default = target.init_args.get(name), defaults[name]
+            given, default, stated = target.init_args.get(name), defaults[name], explicit_args.get(name)
             if name == "image_size":
-                given, default = _square(given), _square(default)
-            if given is not None and _as_fact(given) not in (_as_fact(default), _as_fact(value)):
+                given, default, stated = _square(given), _square(default), _square(stated)
+            not_default = given is not None and _as_fact(given) != _as_fact(default)
+            if (not_default or stated is not None) and _as_fact(given) != _as_fact(value):
                 raise DataFactMismatch(target.class_path, name, given, value)
             target.init_args[name] = value
+
+
+def _explicit_init_args(explicit: Any, class_path: str) -> Namespace:
+    """The explicitly given ``init_args`` of a ``class_path`` node (none when another class was given)."""
+    if isinstance(explicit, Namespace) and explicit.get("class_path") in (None, class_path):
+        return explicit.get("init_args") or Namespace()
+    return Namespace()
 
 
 def resolve_config_path(path: str) -> str:

@@ -34,6 +34,8 @@ CASES = [
     pytest.param([*FIT, "--model.label_smoothing=1.0"], "label_smoothing must lie in [0, 1), got 1.0", id="constructor"),
     pytest.param([*FIT, "--model.backbone.num_classes=7"], "num_classes=7 but the datamodule has num_classes=10",
                  id="data-fact"),
+    pytest.param([*FIT, "--model.backbone.in_channels=3"], "in_channels=3 but the datamodule has in_channels=1",
+                 id="explicit-default-data-fact"),
     pytest.param([*FIT, "--trainer.max_steps=0"], "no optimizer step to size lr_schedule='cosine'", id="max-steps-0"),
     pytest.param([*FIT, "--data.batch_size=4096", "--data.drop_last=true", "--model.lr_schedule=onecycle"],
                  "fit ran no training step: max_steps=2, or the training set gives no batch (batch_size=4096", id="batch-larger-than-data"),
@@ -78,3 +80,12 @@ def test_a_bad_input_ends_in_one_short_message_and_writes_nothing(argv, message,
     assert len(err[-2]) < 400 and "Given value" not in err[-2]
     written = {p for p in in_tmp_dir.rglob("*") if p.is_file()} - before
     assert not written, written
+
+
+@pytest.mark.parametrize("name", ["clip_norm", "noise_multiplier", "delta"])
+def test_error_feedback_dp_refuses_a_number_given_as_text(name):
+    from lit_methods.callbacks import ErrorFeedbackDP
+
+    kwargs = {"clip_norm": 1.0, "noise_multiplier": 1.0, name: "1.0"}
+    with pytest.raises(TypeError, match=f"{name} must be a number, got '1.0' \\(str\\)"):
+        ErrorFeedbackDP(**kwargs)
