@@ -76,15 +76,17 @@ class GhostBatchNorm(Callback):
                 "build the model with batch norm (e.g. norm='batchnorm') or remove the callback"
             )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # an epoch's first batch no larger than a virtual batch: every batch is one virtual batch, plain batch norm
         if batch_idx != 0:
             return
         batch_size = extract_batch_size(batch)
         if batch_size <= self.virtual_batch_size:
             raise ValueError(
-                f"GhostBatchNorm(virtual_batch_size={self.virtual_batch_size}) is given batches of {batch_size} samples "
-                "per process: each batch is a single virtual batch, i.e. plain batch norm; use a smaller "
+                f"GhostBatchNorm(virtual_batch_size={self.virtual_batch_size}) is given batches of {batch_size} "
+                "samples per process: each batch is a single virtual batch, i.e. plain batch norm; use a smaller "
                 "virtual_batch_size or a larger batch_size"
             )
 

@@ -12,6 +12,11 @@ the model's arguments (the backbone, an augmentation), wherever the constructor 
 that disagrees with the data is an error. Because they are
 filled into the config (not linked at instantiation), the saved ``config.yaml`` and the checkpoint's
 hyper-parameters hold them, and ``load_from_checkpoint`` rebuilds the model without the datamodule.
+
+Each run writes its resolved config into its own folder (:func:`run_directory`), with secret-looking values
+redacted there and in the hyper-parameters (hence ``hparams.yaml``, checkpoints and loggers). :func:`main` prints an
+error as one line (:func:`readable_error`; ``LIT_METHODS_TRACEBACK=1`` shows the traceback), and
+:class:`LitMethodsCLI` checks checkpoints, first-stage files and the run's length before anything trains.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def test_falls_back_to_system_dir_and_says_so(tmp_path: Path, no_system_dir: Pat
     with caplog.at_level("INFO"):
         assert_reads(FashionMNISTDataModule(data_dir=tmp_path / data_dir), written)
     said = caplog.text
-    assert f"training split is read from {no_system_dir / 'train-images-idx3-ubyte.gz'}" in said
+    assert f"training split is read from {no_system_dir / 'train-images-idx3-ubyte.gz'}," in said
     assert f"(none under data_dir={str(tmp_path / data_dir)!r})" in said and "test split is read from" in said
 
 
