@@ -290,7 +290,8 @@ class LitMethodsCLI(LightningCLI):
                 f"{config.ckpt_path!r}, but the datamodule has {error.name}={error.value!r}: the checkpoint was "
                 "trained on other data"
             ) from error
-        check_pretrained_checkpoints(config)
+        if self.subcommand:  # a run, not only building the classes (run=False), reads them
+            check_pretrained_checkpoints(config)
         if self.subcommand in SUBCOMMAND_STEPS and config.get("model") is not None:
             step = SUBCOMMAND_STEPS[self.subcommand]
             model_class = _import_class(config.model.class_path)
