@@ -50,7 +50,8 @@ class GhostBatchNorm(Callback):
     running statistics, as with plain batch norm). ``Trainer(sync_batchnorm=True)`` is rejected at setup.
 
     Args:
-        virtual_batch_size: samples per virtual batch (the paper uses 128 on CIFAR).
+        virtual_batch_size: samples per virtual batch (the paper uses 128 on CIFAR); a process's batches must be
+            larger (an epoch's first batch is checked: an equal or smaller one would be plain batch norm).
     """
 
     def __init__(self, virtual_batch_size: int) -> None:

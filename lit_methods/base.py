@@ -185,7 +185,8 @@ class MethodBase(L.LightningModule):
     ``lr``, ``momentum`` and ``nesterov``. **Schedule**, stepped every optimizer step: ``lr_scheduler`` (a callable
     of the optimizer, for every group) or ``lr_schedule``: ``"cosine"`` (linear warmup over ``warmup_steps`` then
     cosine decay to 0), ``"onecycle"`` (Smith & Topin, arXiv:1708.07120) or ``"constant"``, sized from
-    ``trainer.estimated_stepping_batches``.
+    ``trainer.estimated_stepping_batches``; a run resumed with another length rebuilds it for the new length at the
+    restored step (:meth:`resize_lr_schedule`).
 
     **Inputs**: with ``inputs_normalized=False`` (a datamodule built with ``normalize=False`` yields [0, 1] pixels)
     the method owns ``self.normalize``, a :class:`~lit_methods.datamodules.Normalize` of ``mean`` and ``std``, and
