@@ -138,6 +138,11 @@ class ErrorFeedbackDP(Callback):
         chunk_size: int | None = None,
         per_sample_method: Literal["auto", "book_keeping", "vmap"] = "auto",
     ) -> None:
+        numbers = {"clip_norm": clip_norm, "noise_multiplier": noise_multiplier, "target_epsilon": target_epsilon,
+                   "delta": delta, "feedback_clip_norm": feedback_clip_norm}
+        for name, value in numbers.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         if feedback_clip_norm is not None and not feedback_clip_norm > 0:

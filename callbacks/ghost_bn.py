@@ -12,10 +12,11 @@ batch: per-process batch x processes x ``accumulate_grad_batches``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
 from lit_methods.nets.ghost_batchnorm import (
@@ -49,7 +50,8 @@ class GhostBatchNorm(Callback):
     running statistics, as with plain batch norm). ``Trainer(sync_batchnorm=True)`` is rejected at setup.
 
     Args:
-        virtual_batch_size: samples per virtual batch (the paper uses 128 on CIFAR).
+        virtual_batch_size: samples per virtual batch (the paper uses 128 on CIFAR); a process's batches must be
+            larger (an epoch's first batch is checked: an equal or smaller one would be plain batch norm).
     """
 
     slug: ClassVar[str] = "ghost-bn"
@@ -75,6 +77,20 @@ class GhostBatchNorm(Callback):
             raise ValueError(
                 f"GhostBatchNorm found no BatchNorm1d or BatchNorm2d layer in {type(pl_module).__name__}; "
                 "build the model with batch norm (e.g. norm='batchnorm') or remove the callback"
+            )
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # an epoch's first batch no larger than a virtual batch: every batch is one virtual batch, plain batch norm
+        if batch_idx != 0:
+            return
+        batch_size = extract_batch_size(batch)
+        if batch_size <= self.virtual_batch_size:
+            raise ValueError(
+                f"GhostBatchNorm(virtual_batch_size={self.virtual_batch_size}) is given batches of {batch_size} "
+                "samples per process: each batch is a single virtual batch, i.e. plain batch norm; use a smaller "
+                "virtual_batch_size or a larger batch_size"
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchvision.datasets import FashionMNIST
 
@@ -125,6 +126,10 @@ class FashionMNISTDataModule(InMemoryVisionDataModule):
                 f"Pass download=True (--data.download=true) or point data_dir at a folder containing them"
             )
         images_path, labels_path = files
+        in_data_dir = images_path.parent in self.search_dirs()[:2]
+        fallback = "" if in_data_dir else f" (none under data_dir={str(self.data_dir)!r})"
+        split = "training" if train else "test"
+        rank_zero_info(f"{type(self).__name__}: the {split} split is read from {images_path}, {labels_path}{fallback}")
         images = read_idx(images_path, IDX_IMAGES_MAGIC)
         labels = read_idx(labels_path, IDX_LABELS_MAGIC).astype(np.int64)
         if images.shape[1:] != self.image_size:

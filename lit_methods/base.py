@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 LR_SCHEDULES = ("cosine", "onecycle", "constant")
+LR_SCHEDULE_STEPS_KEY = "lr_schedule_steps"
 _PLAIN_HPARAM_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -184,7 +186,8 @@ class MethodBase(L.LightningModule):
     ``lr``, ``momentum`` and ``nesterov``. **Schedule**, stepped every optimizer step: ``lr_scheduler`` (a callable
     of the optimizer, for every group) or ``lr_schedule``: ``"cosine"`` (linear warmup over ``warmup_steps`` then
     cosine decay to 0), ``"onecycle"`` (Smith & Topin, arXiv:1708.07120) or ``"constant"``, sized from
-    ``trainer.estimated_stepping_batches``.
+    ``trainer.estimated_stepping_batches``; a run resumed with another length rebuilds it for the new length at the
+    restored step (:meth:`resize_lr_schedule`).
 
     **Inputs**: with ``inputs_normalized=False`` (a datamodule built with ``normalize=False`` yields [0, 1] pixels)
     the method owns ``self.normalize``, a :class:`~lit_methods.datamodules.Normalize` of ``mean`` and ``std``, and
@@ -270,6 +273,8 @@ class MethodBase(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.inputs_normalized = inputs_normalized
         self.normalize = None if inputs_normalized else Normalize(mean, std)
+        self._lr_schedule_steps: int | None = None
+        self._restored_lr_schedule_steps: int | None = None
 
     # -- inputs ----------------------------------------------------------------------------------------------------
     def normalize_inputs(self, x: Tensor) -> Tensor:
@@ -321,6 +326,25 @@ class MethodBase(L.LightningModule):
         """The optimizer used without ``optimizer``: SGD with ``lr``, ``momentum`` and ``nesterov``."""
         return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
 
+    def lr_schedule_steps(self) -> int:
+        """The optimizer steps of the whole run (``trainer.estimated_stepping_batches``), which size the built-in
+        schedules; a ``ValueError`` when the trainer's settings give no end or no step at all."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if math.isinf(total):
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule!r} is sized from the run's optimizer steps, but max_epochs="
+                f"{trainer.max_epochs} and max_steps={trainer.max_steps} set no end (max_time alone does not): "
+                "set trainer.max_steps or trainer.max_epochs, or use lr_schedule='constant'"
+            )
+        if total < 1:
+            raise ValueError(
+                f"this run has no optimizer step to size lr_schedule={self.lr_schedule!r} over: max_steps="
+                f"{trainer.max_steps}, or the training set gives no batch (a batch_size larger than the training set "
+                "gives none when the last partial batch is dropped)"
+            )
+        return int(total)
+
     def make_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         """The schedule of ``lr_schedule`` (``None`` for ``"constant"``); groups with ``scheduled: False`` keep
         their rate."""
@@ -329,9 +353,10 @@ class MethodBase(L.LightningModule):
         constant_groups = not all(group.get("scheduled", True) for group in optimizer.param_groups)
         if self.lr_schedule == "onecycle" and constant_groups:
             raise ValueError("lr_schedule='onecycle' schedules every group; use 'cosine' with constant-rate groups")
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.lr_schedule_steps()
         if self.lr_schedule == "onecycle":
-            peak = [group["lr"] for group in optimizer.param_groups]
+            # a group's "max_lr" is there when the schedule is rebuilt on a resumed optimizer (its "lr" has moved)
+            peak = [group.get("max_lr", group["lr"]) for group in optimizer.param_groups]
             return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total)
         warmup = round(self.warmup_steps * total) if isinstance(self.warmup_steps, float) else self.warmup_steps
         cosine = WarmupCosine(min(warmup, total), total)
@@ -344,13 +369,55 @@ class MethodBase(L.LightningModule):
             optimizer = self.optimizer_factory(groups)
         else:
             optimizer = self.make_default_optimizer(groups)
+        self._lr_schedule_steps = None
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
             scheduler = self.make_lr_scheduler(optimizer)
+            if scheduler is not None:
+                self._lr_schedule_steps = self.lr_schedule_steps()
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- resuming with another run length --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._lr_schedule_steps is not None:
+            checkpoint[LR_SCHEDULE_STEPS_KEY] = self._lr_schedule_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_lr_schedule_steps = checkpoint.get(LR_SCHEDULE_STEPS_KEY)
+
+    def on_train_start(self) -> None:
+        self.resize_lr_schedule()
+
+    def resize_lr_schedule(self) -> None:
+        """After resuming, rebuild the built-in schedule for this run's length when it differs from the
+        checkpoint's (a run extended from 5 to 10 steps): the new schedule continues at the restored step.
+
+        The restored scheduler would otherwise keep the old length: one-cycle stops with an error past its last
+        step and cosine trains on at rate 0. Called at ``on_train_start`` (after Lightning restored the
+        scheduler's state); subclasses that override ``on_train_start`` call ``super().on_train_start()``.
+        """
+        restored, total = self._restored_lr_schedule_steps, self._lr_schedule_steps
+        self._restored_lr_schedule_steps = None
+        if restored is None or total is None or restored == total:
+            return
+        (config,) = self.trainer.lr_scheduler_configs
+        step = config.scheduler.last_epoch
+        if step >= total:
+            return  # the restored run is already as long as this one: the trainer stops at once
+        resized = self.make_lr_scheduler(config.scheduler.optimizer)
+        resized.last_epoch = step - 1
+        with warnings.catch_warnings():
+            # stepping to the restored step here, before this process's first optimizer step, is intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            resized.step()
+        config.scheduler = resized
+        rank_zero_warn(
+            f"resumed at step {step} of a {restored}-step lr_schedule={self.lr_schedule!r}; the schedule is rebuilt "
+            f"for this run's {total} steps and continues at step {step}"
+        )
 
 
 class ImageClassifier(MethodBase):

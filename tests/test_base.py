@@ -206,6 +206,41 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_resuming_with_a_longer_run_continues_the_schedule_of_the_new_length(tmp_path, schedule):
+    def run(max_steps, ckpt_path=None):
+        record = RecordLR()
+        torch.manual_seed(0)
+        model = ImageClassifier(tiny_net(), lr=0.2, lr_schedule=schedule, warmup_steps=2)
+        t = trainer(tmp_path, max_steps=max_steps, max_epochs=5, callbacks=[record], limit_val_batches=0)
+        t.fit(model, datamodule=DigitsDataModule(batch_size=32, seed=0), ckpt_path=ckpt_path)
+        return t, record.lrs
+
+    short, _ = run(5)
+    short.save_checkpoint(tmp_path / "short.ckpt")
+    _, straight = run(10)
+    with pytest.warns(UserWarning, match="rebuilt for this run's 10 steps and continues at step 5"):
+        resumed_trainer, resumed = run(10, ckpt_path=tmp_path / "short.ckpt")
+    assert resumed_trainer.global_step == 10
+    assert resumed == pytest.approx(straight[5:])  # the 10-step schedule from step 5 on, never stuck at rate 0
+    assert min(resumed) > 0
+    resumed_trainer.save_checkpoint(tmp_path / "long.ckpt")
+    assert torch.load(tmp_path / "long.ckpt", weights_only=True)["lr_schedule_steps"] == 10
+
+
+@pytest.mark.parametrize(
+    "trainer_args,match",
+    [
+        (dict(max_steps=0), "no optimizer step to size lr_schedule='onecycle'.*max_steps=0"),
+        (dict(max_epochs=-1, max_steps=-1, max_time="00:00:00:05"), "set no end"),
+    ],
+)
+def test_a_run_without_a_length_is_refused_before_training(tmp_path, trainer_args, match):
+    model = ImageClassifier(tiny_net(), lr_schedule="onecycle")
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, **trainer_args).fit(model, datamodule=DigitsDataModule(batch_size=32))
+
+
 def test_load_from_checkpoint_restores_a_python_built_subclass(tmp_path):
     torch.manual_seed(0)
     model = FocalLossClassifier(tiny_net(), gamma=1.5, lr=0.07)

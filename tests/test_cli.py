@@ -12,7 +12,14 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lit_methods.cli import LitMethodsCLI, main, redact_namespace, redact_secrets, resolve_config_path
+from lit_methods.cli import (
+    LitMethodsCLI,
+    main,
+    redact_namespace,
+    redact_secrets,
+    resolve_args,
+    resolve_config_path,
+)
 from lit_methods.registry import METHODS, format_table
 from tests.downstream_project.augments import ConstantPixels
 from tests.downstream_project.focal import FocalLossClassifier
@@ -248,3 +255,68 @@ def test_an_augment_given_by_class_path_transforms_training_batches_only(in_tmp_
     assert data.augment.generator.initial_seed() == seed  # re-seeded from (seed, rank, epoch)
     with pytest.raises(ValueError, match=r"give either augment=.* or the flags of the default augment.*'cutout_size'"):
         LitMethodsCLI(args=[*model, *DIGITS, *augment, "--data.cutout_size=2", *CPU], run=False)
+SECRET = "tok-5ecret-0123456789"
+
+
+def test_secrets_are_redacted_in_every_file_a_run_writes(in_tmp_dir, monkeypatch):
+    import wandb
+
+    wandb.finish()  # a run left open by an earlier test would be reused by the WandbLogger
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(in_tmp_dir))
+    config = {
+        "model": {
+            "class_path": "tests.downstream_project.remote_eval.RemoteEvalClassifier",
+            "init_args": {"service_token": SECRET, "backbone": {"class_path": "lit_methods.nets.ConvNet",
+                                                               "init_args": {"width": 8, "depth": 2}}},
+        },
+        "trainer": {
+            "logger": [
+                {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                 "init_args": {"save_dir": str(in_tmp_dir / "logs"), "project": "secrets"}},
+                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}},
+            ],
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True}}],
+        },
+    }
+    (in_tmp_dir / "secret.yaml").write_text(yaml.safe_dump(config))
+    cli = LitMethodsCLI(args=["fit", "--config", "secret.yaml", *DIGITS, *CPU, *TINY_FIT])
+    wandb.finish()
+    assert cli.model.service_token == SECRET  # the run itself gets the value
+    files = [p for p in in_tmp_dir.rglob("*") if p.is_file() and p.name != "secret.yaml"]
+    (hparams,) = (p for p in files if p.name == "hparams.yaml")
+    assert yaml.safe_load(hparams.read_text())["service_token"] == "<redacted>"
+    checkpoints = [p for p in files if p.suffix == ".ckpt"]
+    assert len(checkpoints) == 2 and any("offline-run" in str(p) for p in files), files
+    for checkpoint in checkpoints:
+        assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["service_token"] == "<redacted>"
+    leaking = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaking, leaking
+    # the resolved config lives in the wandb run's own folder (next to its checkpoints), not shared in logs/
+    run_id = cli.trainer.loggers[0].version
+    assert (in_tmp_dir / "logs" / "secrets" / run_id / "config.yaml").is_file()
+    assert (in_tmp_dir / "logs" / "secrets" / run_id / "checkpoints" / "last.ckpt").is_file()
+    assert not (in_tmp_dir / "logs" / "config.yaml").exists()
+
+
+def test_fast_dev_run_saves_no_checkpoint(in_tmp_dir):
+    main(["fit", "--config", "quickstart.yaml", *DIGITS, *TINY_CONVNET, *CPU, "--trainer.fast_dev_run=true",
+          "--test_after_fit=false"])
+    assert not list(in_tmp_dir.rglob("*.ckpt"))
+
+
+def test_short_config_flag_is_looked_up_like_config(in_tmp_dir):
+    expected = str(EXPERIMENTS / "quickstart.yaml")
+    for args in (["-c", "quickstart.yaml"], ["-c=quickstart.yaml"], ["--config", "quickstart.yaml"]):
+        resolved = resolve_args(args)
+        assert Path(resolved[-1].removeprefix("-c=")).read_text() == Path(expected).read_text(), args
+
+
+def test_the_command_line_is_parsed_without_the_args_parameter_warning(in_tmp_dir, monkeypatch, capsys, recwarn):
+    monkeypatch.setattr(sys, "argv", ["lit-methods", "fit", "-c", "quickstart.yaml", *CPU, "--print_config"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "lit_methods.ImageClassifier"
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]

@@ -120,6 +120,7 @@ class MoCoV2(SSLMethod):
         return cosine_momentum(self.trainer.global_step, total, self.base_momentum, self.final_momentum)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self._last_step = self.trainer.global_step
 
     @torch.no_grad()

@@ -267,6 +267,15 @@ def test_callback_rejects_a_model_without_batch_norm_naming_it(tmp_path):
         ).fit(model, datamodule=DigitsDataModule(batch_size=16))
 
 
+@pytest.mark.parametrize("batch_size", [8, 6])
+def test_callback_rejects_batches_no_larger_than_a_virtual_batch(tmp_path, batch_size):
+    model = ImageClassifier(tiny_net())
+    t = trainer(tmp_path, max_steps=1, callbacks=[GhostBatchNorm(virtual_batch_size=8)])
+    with pytest.raises(ValueError, match=f"virtual_batch_size=8\\) is given batches of {batch_size} samples"):
+        t.fit(model, datamodule=DigitsDataModule(batch_size=batch_size))
+    assert t.global_step == 0
+
+
 def test_callback_rejects_sync_batchnorm(tmp_path):
     # a 1-process DDP run in this process (Lightning would convert batch norms to SyncBatchNorm after the setup hook)
     callback = GhostBatchNorm(virtual_batch_size=8)

@@ -103,10 +103,16 @@ def test_torchvision_layout_takes_precedence_over_flat(tmp_path: Path) -> None:
     assert_reads(FashionMNISTDataModule(data_dir=tmp_path), written)
 
 
-def test_falls_back_to_system_dir(tmp_path: Path, no_system_dir: Path) -> None:
+@pytest.mark.parametrize("data_dir", ["empty", "missing", "a_file"])
+def test_falls_back_to_system_dir_and_says_so(tmp_path: Path, no_system_dir: Path, data_dir: str, caplog) -> None:
     written = write_fashion_mnist(no_system_dir, n_train=30, n_test=10, seed=3)
     (tmp_path / "empty").mkdir()
-    assert_reads(FashionMNISTDataModule(data_dir=tmp_path / "empty"), written)
+    (tmp_path / "a_file").write_text("not a folder")
+    with caplog.at_level("INFO"):
+        assert_reads(FashionMNISTDataModule(data_dir=tmp_path / data_dir), written)
+    said = caplog.text
+    assert f"training split is read from {no_system_dir / 'train-images-idx3-ubyte.gz'}," in said
+    assert f"(none under data_dir={str(tmp_path / data_dir)!r})" in said and "test split is read from" in said
 
 
 def test_images_and_labels_come_from_the_same_folder(tmp_path: Path, no_system_dir: Path) -> None:
