@@ -32,12 +32,12 @@ def test_calibrated_noise_spends_the_target_budget():
 @pytest.mark.parametrize("counted", [1, 3])
 def test_steps_within_budget_is_the_largest_count_that_stays_within_it(counted):
     history = [(1.0, 0.1, 12)]
-    allowed = steps_within_budget(history, 1.2, 0.1, counted, 1e-5, target_epsilon=4.0)
+    allowed = steps_within_budget(history, (1.2, 0.1, counted), 1e-5, target_epsilon=4.0)
     assert allowed > 0
     assert rdp_epsilon([*history, (1.2, 0.1, allowed * counted)], 1e-5) <= 4.0
     assert rdp_epsilon([*history, (1.2, 0.1, (allowed + 1) * counted)], 1e-5) > 4.0
     spent = rdp_epsilon(history, 1e-5)
-    assert steps_within_budget(history, 1.2, 0.1, counted, 1e-5, target_epsilon=spent) == 0
+    assert steps_within_budget(history, (1.2, 0.1, counted), 1e-5, target_epsilon=spent) == 0
 
 
 def test_require_opacus_names_the_user_when_opacus_is_missing(monkeypatch):
