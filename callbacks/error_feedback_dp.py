@@ -149,6 +149,13 @@ class ErrorFeedbackDP(Callback):
     (``trainer.should_stop``) after the last step whose epsilon stays within the budget; no step ever exceeds it
     (a step that would, e.g. forced by ``min_epochs``, raises).
 
+    With pruning (:class:`~lit_methods.callbacks.ActivatingWhilePruning`, or any callback with a ``masks`` dict of
+    0/1 tensors keyed by parameter name, listed after this one): the masks are read at each batch start into
+    :attr:`weight_masks`; per-sample norms, clipped and raw sums cover the live (unmasked) coordinates only, so a
+    live gradient is clipped to ``C1`` itself (book-keeping materializes masked layers' per-sample gradients
+    instead of using ghost norms), the error buffer is kept zero on pruned coordinates, and it is zeroed whole
+    when the masks change (a prune and rewind).
+
     Under DDP each rank clips its own samples; the clipped sums and sample counts (vmap: also the raw sums for the
     buffer; book-keeping takes the raw mean from DDP's averaged gradient) are summed over ranks with one
     all-reduce, and every rank draws the same noise from the callback's generator (same seed and state), so the
@@ -263,6 +270,7 @@ class ErrorFeedbackDP(Callback):
         self.steps = 0
         self.history: list[tuple[float, float, int]] = []  # accountant history, in accountant steps
         self.dpsgd_history: list[tuple[float, float, int]] = []  # the same steps as DPSGD-GC steps
+        self.weight_masks: dict[str, Tensor] = {}  # parameter name -> 0/1 mask of live coordinates
         self.error: dict[str, Tensor] = {}
         self._generator_state: Tensor | None = None
         # per-run
@@ -440,10 +448,46 @@ class ErrorFeedbackDP(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._read_weight_masks(trainer, pl_module)
         if self.active_per_sample_method == "book_keeping":
             self._book_keeping.clear()
         else:
             self._batch = (batch[0], batch[1])
+
+    def _read_weight_masks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take the pruning callbacks' masks; a change of masks (a prune and rewind) zeroes the error buffer."""
+        masks: dict[str, Tensor] = {}
+        for callback in trainer.callbacks:
+            if callback is not self and isinstance(getattr(callback, "masks", None), dict):
+                masks.update(callback.masks)
+        parameters = dict(pl_module.named_parameters())
+        for name, mask in masks.items():
+            if name not in parameters or mask.shape != parameters[name].shape:
+                raise ValueError(
+                    f"a pruning mask names {name!r} with shape {tuple(mask.shape)}, which is not a parameter of "
+                    f"{type(pl_module).__name__} of that shape"
+                )
+        changed = masks.keys() != self.weight_masks.keys() or any(
+            not torch.equal(self.weight_masks[name].to(mask.device), mask) for name, mask in masks.items()
+        )
+        if changed and self.weight_masks:
+            self.error = {}  # rewound weights: residuals of the old weights are stale
+        if changed:
+            self.weight_masks = {name: mask.detach().clone() for name, mask in masks.items()}
+
+    def _flat_mask(self, pl_module: L.LightningModule, names: list[str], like: Tensor) -> Tensor | None:
+        """The live-coordinate mask over ``names``, flattened as the update is (None without pruning)."""
+        if not self.weight_masks:
+            return None
+        parameters = dict(pl_module.named_parameters())
+        return torch.cat(
+            [
+                (self.weight_masks[n] if n in self.weight_masks else torch.ones_like(parameters[n]))
+                .to(like.device, like.dtype)
+                .flatten()
+                for n in names
+            ]
+        )
 
     def on_before_optimizer_step(
         self,
@@ -498,6 +542,9 @@ class ErrorFeedbackDP(Callback):
         names = list(per_sample)
         flat = torch.cat([per_sample[n].flatten(1) for n in names], dim=1)  # (n, num_params)
         del per_sample
+        live = self._flat_mask(pl_module, names, flat)
+        if live is not None:
+            flat = flat * live
         factor = clip_factors(flat.norm(dim=1), self.clip_norm)
         count = torch.tensor([float(len(flat))], device=flat.device)
         parts = [factor @ flat] + ([flat.sum(0)] if self.error_feedback else []) + [count]
@@ -517,7 +564,7 @@ class ErrorFeedbackDP(Callback):
         """
         if self._book_keeping is None:
             raise RuntimeError("privatized_gradients_from_backward needs attach_book_keeping(pl_module) first")
-        local_batch, terms = self._book_keeping.terms()
+        local_batch, terms = self._book_keeping.terms(masks=self.weight_masks)
         self._book_keeping.clear()
         names = [name for name, p in pl_module.named_parameters() if p.requires_grad]
         norms = torch.stack([terms[n].squared_norms for n in names]).sum(0).sqrt()
@@ -586,6 +633,9 @@ class ErrorFeedbackDP(Callback):
             if self.steps > 0:  # e_0 = 0 releases nothing: the second noise term starts at step 1 (official code)
                 noise_stds.append(self.noise_multiplier * self.feedback_clip_norm / batch_size)
             error = error + raw_mean - direction
+            live = self._flat_mask(pl_module, names, error)
+            if live is not None:  # no residual on pruned coordinates
+                error = error * live
             self.error = dict(zip(names, self._unflatten(pl_module, names, error)))
         if self.noise_multiplier > 0:
             for std in noise_stds:  # independent draws, as in the official code
@@ -631,6 +681,7 @@ class ErrorFeedbackDP(Callback):
             "history": [list(entry) for entry in self.history],
             "dpsgd_history": [list(entry) for entry in self.dpsgd_history],
             "error": {name: e.detach().cpu() for name, e in self.error.items()},
+            "weight_masks": {name: m.detach().cpu() for name, m in self.weight_masks.items()},
             "generator_state": self._generator.get_state() if self._generator is not None else None,
         }
 
@@ -648,4 +699,5 @@ class ErrorFeedbackDP(Callback):
         self.history = [(float(s), float(q), int(n)) for s, q, n in state_dict["history"]]
         self.dpsgd_history = [(float(s), float(q), int(n)) for s, q, n in state_dict["dpsgd_history"]]
         self.error = dict(state_dict["error"])
+        self.weight_masks = dict(state_dict["weight_masks"])
         self._generator_state = state_dict["generator_state"]

@@ -164,3 +164,71 @@ def test_target_epsilon_calibrates_dicesgd_noise_to_spend_the_budget():
     assert trainer.global_step == dp.steps == 8
     assert 5.0 * 0.98 <= dp.epsilon <= 5.0
     assert dp.epsilon == pytest.approx(bound_by_hand(dp.noise_multiplier, 0.25, 16, 1.0, 1.0, 8, 1e-5), rel=1e-9)
+
+
+# -- 4. pruning masks (AP) -----------------------------------------------------------------------------------------
+def _conv_net() -> ConvNet:
+    return ConvNet(num_classes=10, in_channels=1, depth=2, width=8, norm="groupnorm", image_size=8)
+
+
+@pytest.mark.parametrize("per_sample_method", ["vmap", "book_keeping"])
+def test_a_live_gradient_above_c1_is_clipped_to_c1_over_the_live_weights_only(per_sample_method):
+    torch.manual_seed(0)
+    model = ImageClassifier(_conv_net())
+    images, targets = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    generator = torch.Generator().manual_seed(1)
+    masks = {
+        name: (torch.rand(p.shape, generator=generator) < 0.3).float()  # 70% pruned, the linear layer included
+        for name, p in model.named_parameters()
+        if p.ndim > 1
+    }
+    gradients = torch.autograd.grad(model.compute_loss(model(images), targets), list(model.parameters()))
+    gradients = dict(zip(dict(model.named_parameters()), gradients))
+    live_norm = torch.cat([(g * masks.get(n, 1.0)).flatten() for n, g in gradients.items()]).norm().item()
+    full_norm = torch.cat([g.flatten() for g in gradients.values()]).norm().item()
+    clip = live_norm / 2
+    assert full_norm > 1.2 * live_norm  # clipping over all coordinates would leave the live ones short of C1
+    dp = ErrorFeedbackDP(clip_norm=clip, noise_multiplier=0.0, error_feedback=False, per_sample_method=per_sample_method)
+    dp.weight_masks = masks
+    if per_sample_method == "vmap":
+        update = dp.privatized_gradients(model, images, targets)
+    else:
+        dp.attach_book_keeping(model)
+        model.compute_loss(model(images), targets).backward()
+        update = dp.privatized_gradients_from_backward(model)
+    assert all(torch.all(update[n][m == 0] == 0) for n, m in masks.items())
+    assert torch.cat([u.flatten() for u in update.values()]).norm().item() == pytest.approx(clip, rel=1e-5)
+
+
+class RecordBuffer(Callback):
+    """Listed after EF-DP and AP: the error buffer at each batch start, after EF-DP has read the masks."""
+
+    def __init__(self, dp: ErrorFeedbackDP) -> None:
+        self.dp = dp
+        self.at_epoch_start: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.at_epoch_start.append({n: e.clone() for n, e in self.dp.error.items()})
+
+
+def test_the_error_buffer_is_zero_on_pruned_weights_and_after_each_rewind():
+    from lit_methods.callbacks import ActivatingWhilePruning
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="voids"):
+        dp = ErrorFeedbackDP(clip_norm=0.05, noise_multiplier=0.5, seed=3)
+    pruning = ActivatingWhilePruning(prune_rate=0.5, ap_rate=0.05, epochs_per_cycle=1, track_dead_neurons=False)
+    recorder = RecordBuffer(dp)
+    trainer = cpu_trainer(
+        max_epochs=3, limit_train_batches=3, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[dp, pruning, recorder],
+    )
+    trainer.fit(ImageClassifier(_conv_net(), lr=0.05), datamodule=DigitsDataModule(batch_size=32, seed=1))
+    # epochs 1 and 2 start with a prune and rewind: the buffer starts empty (zero) after each
+    assert [bool(buffer) for buffer in recorder.at_epoch_start] == [False, False, False]
+    assert pruning.masks and dp.weight_masks.keys() == pruning.masks.keys()
+    for name, mask in pruning.masks.items():
+        assert torch.equal(dp.weight_masks[name], mask)
+        assert torch.all(dp.error[name][mask == 0] == 0), name
+        assert dp.error[name][mask == 1].abs().max() > 0, name
