@@ -124,6 +124,16 @@ def test_sample_rate_is_b_over_n_and_the_noise_std_is_the_same_on_every_step_wit
     assert ((stds - 1).abs() < 0.08).all(), stds  # the 3-sample tail used to get 64/3 = 21x the noise
 
 
+def test_opacus_poisson_loader_gives_its_rate_and_expected_batch_size():
+    from opacus.data_loader import DPDataLoader
+
+    loader = DPDataLoader.from_data_loader(vector_loader(64, 16), generator=torch.Generator().manual_seed(0))
+    dp = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0, error_feedback=False)
+    fit_vector_mean(dp, loader)
+    assert dp.sample_rate == loader.sample_rate == 0.25 and dp.expected_batch_size == 16
+    assert dp.history == [(1.0, 0.25, dp.steps)] and dp.steps == len(loader)
+
+
 def test_a_loader_without_a_batch_size_is_refused_naming_it():
     values = torch.zeros(8, 4)
     loader = DataLoader(TensorDataset(values, values), batch_sampler=[[0, 1], [2, 3, 4]])
