@@ -242,10 +242,10 @@ def main() -> None:
                 f"{GOAL_VS_OPACUS}x: {'met' if vs_opacus <= GOAL_VS_OPACUS else 'NOT met'}), "
                 f"{vs_ghost:.2f}x opacus ghost clipping"
             )
-    print("book-keeping step by part (median s, share of the non-private median step):")
+    print("book-keeping step by part (median s; in brackets, over the best non-private step):")
     for error_feedback, label in ((True, "DiceSGD"), (False, "DPSGD-GC")):
         parts = book_keeping_parts(device, error_feedback, batches, args.repeats)
-        shares = ", ".join(f"{part} {value:.4f} ({value / median['non-private']:.2f}x)" for part, value in parts.items())
+        shares = ", ".join(f"{part} {value:.4f} ({value / best['non-private']:.2f}x)" for part, value in parts.items())
         print(f"  {label}: {shares}")
 
 
