@@ -68,9 +68,10 @@ class ErrorFeedbackDP(Callback):
     """DiceSGD (per-sample clipping + clipped error feedback + Gaussian noise), or DP-SGD with gradient clipping.
 
     Zhang et al., "Differentially Private SGD Without Clipping Bias: An Error-Feedback Approach", ICLR 2024,
-    https://arxiv.org/abs/2311.14632. Each optimizer step, with the batch's per-sample gradients ``g_i`` (``B``
-    samples over all ranks), ``C1 = clip_norm``, ``C2 = feedback_clip_norm``, ``sigma = noise_multiplier`` and
-    the error buffer ``e`` (zero at the start; norms are global over all trainable parameters)::
+    https://arxiv.org/abs/2311.14632. Each optimizer step, with the batch's per-sample gradients ``g_i`` (over all
+    ranks; ``B`` the expected global batch size, see Sampling), ``C1 = clip_norm``, ``C2 = feedback_clip_norm``,
+    ``sigma = noise_multiplier`` and the error buffer ``e`` (zero at the start; norms are global over all trainable
+    parameters)::
 
         c = (1/B) sum_i clip(g_i, C1)                        f = clip(e, C2)             v = c + f
         p.grad <- v + (sigma C1 / B) N(0, I) + (sigma C2 / B) N(0, I)   (the second term once e has been written)
@@ -402,7 +403,8 @@ class ErrorFeedbackDP(Callback):
     def next_step_entry(self, noise_multiplier: float | None = None) -> tuple[float, float, int]:
         """The accountant entry ``(noise_multiplier, sample_rate, count)`` that the next optimizer step adds (with
         ``noise_multiplier`` in place of the callback's when given); needs the sample rate (set at train start)."""
-        return self._step_entry(self.noise_multiplier if noise_multiplier is None else noise_multiplier, self.steps == 0)
+        sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        return self._step_entry(sigma, first_step=self.steps == 0)
 
     def _step_entry(self, noise_multiplier: float, first_step: bool) -> tuple[float, float, int]:
         if not self.error_feedback:

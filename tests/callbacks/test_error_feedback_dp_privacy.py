@@ -198,7 +198,9 @@ def test_a_live_gradient_above_c1_is_clipped_to_c1_over_the_live_weights_only(pe
     full_norm = torch.cat([g.flatten() for g in gradients.values()]).norm().item()
     clip = live_norm / 2
     assert full_norm > 1.2 * live_norm  # clipping over all coordinates would leave the live ones short of C1
-    dp = ErrorFeedbackDP(clip_norm=clip, noise_multiplier=0.0, error_feedback=False, per_sample_method=per_sample_method)
+    dp = ErrorFeedbackDP(
+        clip_norm=clip, noise_multiplier=0.0, error_feedback=False, per_sample_method=per_sample_method
+    )
     dp.weight_masks = masks
     if per_sample_method == "vmap":
         update = dp.privatized_gradients(model, images, targets)
@@ -231,7 +233,10 @@ def test_the_error_buffer_is_zero_on_pruned_weights_and_after_each_rewind():
     pruning = ActivatingWhilePruning(prune_rate=0.5, ap_rate=0.05, epochs_per_cycle=1, track_dead_neurons=False)
     recorder = RecordBuffer(dp)
     trainer = cpu_trainer(
-        max_epochs=3, limit_train_batches=3, limit_val_batches=0, num_sanity_val_steps=0,
+        max_epochs=3,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=[dp, pruning, recorder],
     )
     trainer.fit(ImageClassifier(_conv_net(), lr=0.05), datamodule=DigitsDataModule(batch_size=32, seed=1))
