@@ -689,6 +689,11 @@ class ErrorFeedbackDP(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.noise_multiplier = state_dict["noise_multiplier"]
+        if "accountant" not in state_dict:
+            raise ValueError(
+                "the checkpoint's ErrorFeedbackDP state predates the sample rate q = B / N and DiceSGD's accountants "
+                "(its epsilon is not comparable): start a fresh run"
+            )
         if state_dict["accountant"] != self.accountant:
             raise ValueError(
                 f"the checkpoint was accounted with accountant={state_dict['accountant']!r}, this callback uses "
