@@ -247,3 +247,13 @@ def test_the_error_buffer_is_zero_on_pruned_weights_and_after_each_rewind():
         assert torch.equal(dp.weight_masks[name], mask)
         assert torch.all(dp.error[name][mask == 0] == 0), name
         assert dp.error[name][mask == 1].abs().max() > 0, name
+
+
+def test_a_checkpoint_of_another_accounting_is_refused():
+    heuristic = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0, accountant="official_code_log_epochs_heuristic")
+    state = heuristic.state_dict()
+    with pytest.raises(ValueError, match="accountant='official_code_log_epochs_heuristic'.*mix two analyses"):
+        ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0).load_state_dict(state)
+    old = {key: value for key, value in state.items() if key not in ("accountant", "dpsgd_history")}
+    with pytest.raises(ValueError, match="predates the sample rate q = B / N"):
+        ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0).load_state_dict(old)
