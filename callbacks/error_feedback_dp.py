@@ -122,12 +122,13 @@ class ErrorFeedbackDP(Callback):
     mechanism, ``T`` steps of ``(sigma, q)``):
 
     - ``"feedback_sensitivity_bound"`` (default): a bound proved in
-      :func:`lit_methods.privacy.feedback_noise_multiplier` for any data and any ``C1, C2``: the first step is a
-      DP-SGD step; each later one is a Gaussian mechanism, not amplified by sub-sampling, of sensitivity
-      ``C1 / B + 2 C2`` (the fed-back ``clip(e, C2)`` depends on a sample's unclipped gradients ever after it was
-      drawn) and noise std ``sigma sqrt(C1^2 + C2^2) / B``. It guarantees ``(epsilon, delta)``-DP of the released
-      iterates, but is loose: at equal epsilon it needs far more noise than DPSGD-GC. The paper's privacy theorem
-      (Section 3, for ``C2 >= C1``) could not be recovered exactly, so it is not implemented.
+      :func:`lit_methods.privacy.feedback_noise_multiplier` for any data and any ``C1, C2``: conditioned on the
+      sampling (no amplification), the first step is a Gaussian mechanism of multiplier ``sigma`` and each later
+      one a Gaussian mechanism of sensitivity ``C1 / B + 2 C2`` (the fed-back ``clip(e, C2)`` depends on a
+      sample's unclipped gradients ever after it was drawn) and noise std ``sigma sqrt(C1^2 + C2^2) / B``. It
+      guarantees ``(epsilon, delta)``-DP of the released iterates, but is loose: at equal epsilon it needs far more
+      noise than DPSGD-GC. The paper's privacy theorem (Section 3, for ``C2 >= C1``) could not be recovered
+      exactly, so it is not implemented.
     - ``"official_code_log_epochs_heuristic"``: the official code's accounting, each step counted as
       ``accountant_steps_per_step`` DP-SGD steps (default ``max(1, floor(ln E))`` for ``E`` planned epochs). It does
       not depend on ``C2`` nor on the unclipped history: a heuristic, *not* a privacy guarantee.

@@ -134,20 +134,25 @@ def feedback_noise_multiplier(
 
     A DiceSGD step releases ``v + w`` with ``v = (1/B) sum_i clip(g_i, C1) + clip(e, C2)`` and ``w`` the sum of two
     independent Gaussians of std ``sigma C1 / B`` and ``sigma C2 / B``, i.e. one Gaussian of std
-    ``s = sigma sqrt(C1^2 + C2^2) / B``. Proof sketch of the bound: fix neighbouring data sets (one sample ``z``
-    added or removed) and condition on the released history (adaptive composition of RDP, Mironov 2017, Prop. 1).
-    The clipped mean moves by at most ``C1 / B`` (``B`` the fixed expected batch size that normalises the sum). The
-    buffer ``e`` holds ``z``'s *unclipped* gradients since ``z`` was first sampled, which no constant bounds, so
-    ``clip(e, C2)`` and ``clip(e', C2)`` are only known to lie in the ball of radius ``C2``: they differ by at most
-    ``2 C2``, on every step after ``z``'s first appearance, whether or not ``z`` is in the batch (no amplification
-    by sub-sampling). The step is therefore a Gaussian mechanism of L2 sensitivity ``D = C1 / B + 2 C2`` and std
-    ``s``, whose RDP at order ``alpha`` is ``alpha D^2 / (2 s^2)`` (Mironov 2017, Prop. 7): the RDP of a Gaussian
-    with noise multiplier ``s / D``, which this function returns. The first step (``e_0 = 0`` on both data sets,
-    no second noise term) is an ordinary sub-sampled Gaussian step of noise multiplier ``sigma``.
+    ``s = sigma sqrt(C1^2 + C2^2) / B`` (``B`` the fixed expected batch size that divides the sums). Proof sketch,
+    for neighbouring data sets ``D' = D + {z}`` (add/remove) and Poisson sampling:
 
-    The bound holds for any ``C1, C2 > 0`` and any gradients; it is loose, since a worst case needs the buffer to
-    swing by the whole ball, and is far costlier than DP-SGD's at equal ``sigma`` (the paper's Theorem, which
-    needs ``C2 >= C1`` and its assumptions, could not be recovered exactly, so it is not what this computes).
+    1. Couple the two runs on all data-independent randomness ``R`` (every sample's inclusion in every batch, ``z``'s
+       included; dropout). ``R`` has the same law under ``D`` and ``D'``, and Renyi divergence is jointly
+       quasi-convex, so ``D_alpha(M(D) || M(D')) <= sup_R D_alpha(M(D) | R || M(D') | R)``.
+    2. Given ``R``, each step's noiseless ``v_t`` is a deterministic function of the data, ``R`` and the released
+       ``v_0 + w_0, ..., v_{t-1} + w_{t-1}`` (weights and buffer follow from them), so the run is an adaptive
+       composition of Gaussian mechanisms (Mironov 2017, https://arxiv.org/abs/1702.07476, Prop. 1 and 7): RDP
+       ``sum_t alpha D_t^2 / (2 s_t^2)`` with ``D_t`` a bound on ``||v_t(D) - v_t(D')||``.
+    3. The clipped mean moves by at most ``C1 / B``. The buffer holds ``z``'s *unclipped* gradients once ``z`` has
+       been drawn, which no constant bounds, so ``clip(e, C2)`` and ``clip(e', C2)`` are only known to lie in the
+       ball of radius ``C2``: ``D_t = C1 / B + 2 C2`` for ``t >= 1``. At ``t = 0``, ``e_0 = 0`` on both and only
+       the first noise term is added: ``D_0 = C1 / B``, ``s_0 = sigma C1 / B``, a Gaussian of multiplier ``sigma``.
+
+    This function returns ``s / D_t`` for ``t >= 1``. Conditioning on ``R`` forgoes amplification by sub-sampling
+    on every step (also the first), which makes the bound valid whatever the sampling, and loose: far costlier
+    than DP-SGD's at equal ``sigma``. It holds for any ``C1, C2 > 0`` and any gradients. (The paper's theorem, for
+    ``C2 >= C1`` under its assumptions, could not be recovered exactly, so it is not what this computes.)
     """
     if noise_multiplier == 0:  # no noise (infinite clip norms included): no privacy
         return 0.0
@@ -169,14 +174,14 @@ def dicesgd_step_entry(
 ) -> tuple[float, float, int]:
     """The accountant entry ``(noise_multiplier, sample_rate, count)`` of one DiceSGD optimizer step.
 
-    ``"feedback_sensitivity_bound"``: the first step is a sub-sampled Gaussian step of ``noise_multiplier``; every
-    later one a Gaussian step (sample rate 1) of :func:`feedback_noise_multiplier`. ``"official_code_log_epochs_
+    ``"feedback_sensitivity_bound"``: the first step is a Gaussian step (sample rate 1, no amplification) of
+    ``noise_multiplier``, every later one a Gaussian step of :func:`feedback_noise_multiplier` (proof there). ``"official_code_log_epochs_
     heuristic"``: a sub-sampled Gaussian step counted ``log_epochs_count`` times (``max(1, floor(ln E))`` in the
     official code), a heuristic without proof that ignores ``C2`` and the unclipped history.
     """
     if accountant == "feedback_sensitivity_bound":
         if first_step:
-            return (noise_multiplier, sample_rate, 1)
+            return (noise_multiplier, 1.0, 1)
         return (feedback_noise_multiplier(noise_multiplier, clip_norm, feedback_clip_norm, batch_size), 1.0, 1)
     if accountant == "official_code_log_epochs_heuristic":
         return (noise_multiplier, sample_rate, log_epochs_count)

@@ -67,7 +67,7 @@ def test_feedback_noise_multiplier_is_the_noise_std_over_the_feedback_sensitivit
 def test_dicesgd_step_entries_of_both_accountants_and_an_unknown_one():
     common = {"clip_norm": 1.0, "feedback_clip_norm": 2.0, "batch_size": 32, "log_epochs_count": 3}
     bound = "feedback_sensitivity_bound"
-    assert dicesgd_step_entry(bound, 2.0, 0.1, first_step=True, **common) == (2.0, 0.1, 1)
+    assert dicesgd_step_entry(bound, 2.0, 0.1, first_step=True, **common) == (2.0, 1.0, 1)  # not amplified
     assert dicesgd_step_entry(bound, 2.0, 0.1, first_step=False, **common) == (
         feedback_noise_multiplier(2.0, 1.0, 2.0, 32),
         1.0,
