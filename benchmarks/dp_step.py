@@ -24,6 +24,10 @@ round; the median and the best step time over all rounds are printed with their 
 best is the steadier figure). Goals (from the issue): ErrorFeedbackDP /
 non-private <= 1.3x, ErrorFeedbackDP / opacus <= 0.6x.
 
+After the ratios, the book-keeping steps are timed part by part (forward, backward with the recording hooks,
+``privatized_gradients_from_backward``: per-sample norms, ghost or materialized per layer, clipped and raw sums,
+feedback and noise; optimizer step), to show where the time goes.
+
 Run: ``python benchmarks/dp_step.py`` (``--steps 2 --repeats 1`` for a quick check); ``--device cuda`` on a GPU.
 On CPU, glibc's malloc hands the freed per-sample gradients (tens of MB) back to the system every step and the next
 step page-faults them in again; ``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=4000000000 python
@@ -99,6 +103,37 @@ def error_feedback_dp_step(
         optimizer.step()
 
     return step
+
+
+def book_keeping_parts(device: torch.device, error_feedback: bool, batches: list, repeats: int) -> dict[str, float]:
+    """Median seconds of each part of the book-keeping step over ``repeats`` passes over ``batches[1:]``."""
+    model = make_model(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dp = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0, error_feedback=error_feedback)
+    dp.attach_book_keeping(model, parameter_gradients=False)
+    parts: dict[str, list[float]] = {"forward": [], "backward (hooks)": [], "privatize": [], "optimizer step": []}
+
+    def timed(part: str, run: Callable[[], object]) -> object:
+        synchronize(device)
+        start = time.perf_counter()
+        result = run()
+        synchronize(device)
+        parts[part].append(time.perf_counter() - start)
+        return result
+
+    for index, (images, targets) in enumerate(batches * repeats):
+        optimizer.zero_grad(set_to_none=True)
+        loss = timed("forward", lambda: model.compute_loss(model(images), targets))
+        timed("backward (hooks)", loss.backward)
+        update = timed("privatize", lambda: dp.privatized_gradients_from_backward(model))
+        for name, param in model.named_parameters():
+            param.grad = update[name]
+        dp.steps += 1
+        timed("optimizer step", optimizer.step)
+        if index == 0:  # warm-up
+            for values in parts.values():
+                values.clear()
+    return {part: statistics.median(values) for part, values in parts.items()}
 
 
 def opacus_step(device: torch.device, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -207,6 +242,11 @@ def main() -> None:
                 f"{GOAL_VS_OPACUS}x: {'met' if vs_opacus <= GOAL_VS_OPACUS else 'NOT met'}), "
                 f"{vs_ghost:.2f}x opacus ghost clipping"
             )
+    print("book-keeping step by part (median s; in brackets, over the best non-private step):")
+    for error_feedback, label in ((True, "DiceSGD"), (False, "DPSGD-GC")):
+        parts = book_keeping_parts(device, error_feedback, batches, args.repeats)
+        shares = ", ".join(f"{part} {value:.4f} ({value / best['non-private']:.2f}x)" for part, value in parts.items())
+        print(f"  {label}: {shares}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@ may import it): the RDP accountant of the sub-sampled Gaussian mechanism, per-sa
 and ``torch.func``) and per-sample clipping."""
 
 from .accountant import (
+    DICESGD_ACCOUNTANTS,
     MAX_BUDGET_STEPS,
+    AccountantHistory,
+    calibrate_by_bisection,
     calibrate_noise_multiplier,
+    dicesgd_step_entry,
+    feedback_noise_multiplier,
     rdp_epsilon,
     rdp_of_one_step,
     require_opacus,
@@ -14,7 +19,12 @@ from .clipping import NORM_EPS, clip_factors
 from .per_sample import BookKeeping, PerSampleTerm, unsupported_trainable_layers, vmap_per_sample_gradients
 
 __all__ = [
+    "DICESGD_ACCOUNTANTS",
     "MAX_BUDGET_STEPS",
+    "AccountantHistory",
+    "calibrate_by_bisection",
+    "dicesgd_step_entry",
+    "feedback_noise_multiplier",
     "NORM_EPS",
     "BookKeeping",
     "PerSampleTerm",

@@ -123,21 +123,31 @@ def _ghost_term(rows_in: Tensor, rows_out: Tensor, shape: torch.Size) -> PerSamp
 
 
 def _layer_terms(
-    module: nn.Module, inputs: Tensor, output_grads: Tensor, trainable: dict[str, nn.Parameter]
+    module: nn.Module,
+    inputs: Tensor,
+    output_grads: Tensor,
+    trainable: dict[str, nn.Parameter],
+    masks: dict[str, Tensor],
 ) -> dict[str, PerSampleTerm]:
-    """Terms of ``module``'s ``trainable`` parameters (local names) from its input and output gradient."""
+    """Terms of ``module``'s ``trainable`` parameters (local names) from its input and output gradient; a parameter
+    with a 0/1 mask in ``masks`` (local names) gets the terms of its masked per-sample gradients (materialized)."""
+
+    def materialized(name: str, per_sample: Tensor) -> PerSampleTerm:
+        return _materialized(per_sample * masks[name] if name in masks else per_sample)
+
     terms: dict[str, PerSampleTerm] = {}
     if isinstance(module, _NORM_LAYERS):
         from opacus.grad_sample import GradSampleModule
 
         per_sample = GradSampleModule.GRAD_SAMPLERS[type(module)](module, [inputs], output_grads)
-        return {name: _materialized(per_sample[p]) for name, p in trainable.items()}
+        return {name: materialized(name, per_sample[p]) for name, p in trainable.items()}
     batch = inputs.shape[0]
     inputs = inputs.to(output_grads.dtype)
     if isinstance(module, nn.Conv2d):
         rows_out = output_grads.reshape(batch, module.out_channels, -1).transpose(1, 2)
         d_in = module.weight[0].numel()
-        if "weight" in trainable and _use_ghost_norm(rows_out.shape[1], d_in, module.out_channels):
+        ghost = "weight" not in masks and _use_ghost_norm(rows_out.shape[1], d_in, module.out_channels)
+        if "weight" in trainable and ghost:
             from opacus.utils.tensor_utils import unfold2d
 
             rows_in = unfold2d(
@@ -149,18 +159,18 @@ def _layer_terms(
             ).transpose(1, 2)
             terms["weight"] = _ghost_term(rows_in, rows_out, module.weight.shape)
         elif "weight" in trainable:
-            terms["weight"] = _materialized(_conv_weight_per_sample(module, inputs, output_grads))
+            terms["weight"] = materialized("weight", _conv_weight_per_sample(module, inputs, output_grads))
     else:  # Linear: (B, ..., d) -> (B, T, d)
         rows_in = inputs.reshape(batch, -1, module.in_features)
         rows_out = output_grads.reshape(batch, -1, module.out_features)
         if "weight" in trainable:
-            if _use_ghost_norm(rows_in.shape[1], module.in_features, module.out_features):
+            if "weight" not in masks and _use_ghost_norm(rows_in.shape[1], module.in_features, module.out_features):
                 terms["weight"] = _ghost_term(rows_in, rows_out, module.weight.shape)
             else:
                 per_sample = torch.bmm(rows_out.transpose(1, 2), rows_in)
-                terms["weight"] = _materialized(per_sample.view(-1, *module.weight.shape))
+                terms["weight"] = materialized("weight", per_sample.view(-1, *module.weight.shape))
     if "bias" in trainable:
-        terms["bias"] = _materialized(rows_out.sum(1))
+        terms["bias"] = materialized("bias", rows_out.sum(1))
     return terms
 
 
@@ -270,8 +280,13 @@ class BookKeeping:
         self._handles.clear()
         self.clear()
 
-    def terms(self) -> tuple[int, dict[str, PerSampleTerm]]:
-        """The batch size and each trainable parameter's terms (full names) of the recorded forward/backward."""
+    def terms(self, masks: dict[str, Tensor] | None = None) -> tuple[int, dict[str, PerSampleTerm]]:
+        """The batch size and each trainable parameter's terms (full names) of the recorded forward/backward.
+
+        ``masks`` maps parameter names to 0/1 tensors of their shape (pruned weights): those parameters' terms
+        are of the masked per-sample gradients, so norms and sums cover the live coordinates only.
+        """
+        masks = masks or {}
         if not self._records:
             raise RuntimeError("book-keeping recorded no training forward/backward (no layer saw a grad-enabled batch)")
         batch_sizes = {records[0].inputs.shape[0] for records in self._records.values()}
@@ -297,7 +312,9 @@ class BookKeeping:
                         )
                 continue
             (record,) = records
-            for local, term in _layer_terms(module, record.inputs, record.output_grad, record.trainable).items():
+            local_masks = {local: masks[prefix + local] for local in record.trainable if prefix + local in masks}
+            layer_terms = _layer_terms(module, record.inputs, record.output_grad, record.trainable, local_masks)
+            for local, term in layer_terms.items():
                 terms[prefix + local] = term.scaled(batch)  # the loss is a batch mean
         return batch, terms
 

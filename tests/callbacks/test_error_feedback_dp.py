@@ -122,25 +122,33 @@ def test_epsilon_equals_opacus_rdp_accountant_and_calibration_spends_the_budget(
     dp = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.1, delta=delta, error_feedback=False)
     trainer = make_trainer(tmp_path, limit_train_batches=steps, callbacks=[dp])
     trainer.fit(ImageClassifier(tiny_net()), datamodule=DigitsDataModule(batch_size=8, seed=1))
+    rate = 8 / trainer.train_dataloader.sampler.num_samples  # q = B / N (the in-memory loader holds N samples)
+    assert dp.sample_rate == rate
     accountant = RDPAccountant()
     for _ in range(steps):
-        accountant.step(noise_multiplier=1.1, sample_rate=1 / steps)
+        accountant.step(noise_multiplier=1.1, sample_rate=rate)
     assert dp.epsilon == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
     assert trainer.callback_metrics["dp/epsilon"].item() == pytest.approx(dp.epsilon, rel=1e-6)
 
-    # DiceSGD over 8 planned epochs counts each step floor(ln 8) = 2 times (the official code's heuristic) and
+    # DiceSGD's official-code heuristic over 8 planned epochs counts each step floor(ln 8) = 2 times and
     # calibrates the noise for the planned steps so that the budget is spent at the end.
-    dice = ErrorFeedbackDP(clip_norm=1.0, target_epsilon=4.0, delta=delta, error_feedback=True)
+    dice = ErrorFeedbackDP(
+        clip_norm=1.0,
+        target_epsilon=4.0,
+        delta=delta,
+        error_feedback=True,
+        accountant="official_code_log_epochs_heuristic",
+    )
     trainer = make_trainer(tmp_path, max_epochs=8, limit_train_batches=4, callbacks=[dice])
     trainer.fit(ImageClassifier(tiny_net()), datamodule=DigitsDataModule(batch_size=8, seed=1))
-    expected_sigma = get_noise_multiplier(target_epsilon=4.0, target_delta=delta, sample_rate=1 / 4, steps=32 * 2)
+    expected_sigma = get_noise_multiplier(target_epsilon=4.0, target_delta=delta, sample_rate=rate, steps=32 * 2)
     assert dice.noise_multiplier == pytest.approx(expected_sigma)
     assert trainer.global_step == 32
     assert 4.0 - 0.05 <= dice.epsilon <= 4.0
     doubled, single = RDPAccountant(), RDPAccountant()
     doubled.history, single.history = (
-        [(expected_sigma, 1 / 4, 64)],
-        [(expected_sigma, 1 / 4, 32)],
+        [(expected_sigma, rate, 64)],
+        [(expected_sigma, rate, 32)],
     )
     assert dice.epsilon == pytest.approx(doubled.get_epsilon(delta), rel=1e-9)
     assert dice.epsilon_dpsgd == pytest.approx(single.get_epsilon(delta), rel=1e-9)
@@ -207,6 +215,15 @@ def test_skewed_mean_estimation_clipping_bias(error_feedback):
         (
             {"clip_norm": 1.0, "noise_multiplier": 1.0, "accountant_steps_per_step": 0},
             "accountant_steps_per_step.*0",
+        ),
+        (
+            {"clip_norm": 1.0, "noise_multiplier": 1.0, "accountant_steps_per_step": 2},
+            "accountant_steps_per_step=2 applies to.*official_code_log_epochs_heuristic",
+        ),
+        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "accountant": "log"}, "accountant must be one of.*'log'"),
+        (
+            {"clip_norm": 1.0, "noise_multiplier": 1.0, "feedback_clip_norm": 0.5},
+            r"feedback_clip_norm >= clip_norm.*feedback_clip_norm=0.5 < clip_norm=1.0",
         ),
     ],
 )
@@ -276,7 +293,7 @@ def test_training_stops_when_the_budget_is_spent_and_a_resume_does_not_reset_it(
     assert trainer.should_stop and trainer.global_step == dp.steps < 20
     assert dp.epsilon <= 3.0
     one_more = RDPAccountant()
-    one_more.history = dp.history + [(dp.noise_multiplier, dp.sample_rate, dp.accountant_steps_per_step)]
+    one_more.history = dp.history + [dp.next_step_entry()]
     assert one_more.get_epsilon(dp.delta) > 3.0
 
 
