@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -33,6 +35,7 @@ __all__ = [
 
 LR_SCHEDULES = ("cosine", "onecycle", "constant")
 LR_SCHEDULE_STEPS_KEY = "lr_schedule_steps"
+RNG_STATES_KEY = "global_rng_states"
 _PLAIN_HPARAM_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
@@ -163,6 +166,39 @@ def load_pretrained_weights(
     if problems:
         rank_zero_warn(f"{mismatch} (loaded with strict=False): " + "; ".join(problems))
     module.load_state_dict({k: v for k, v in renamed.items() if k in own}, strict=False)
+
+
+def global_rng_states() -> dict[str, Any]:
+    """This process' global random states (torch CPU and CUDA, numpy, Python) as tensors and plain values, so a
+    checkpoint holding them still loads with ``weights_only=True``."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gauss": float(cached_gauss)},
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+
+
+def set_global_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`global_rng_states` returned (CUDA states only where as many devices are visible)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gauss"],
+        )
+    )
+    python_state = states["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))
 
 
 class MethodBase(L.LightningModule):
@@ -382,11 +418,17 @@ class MethodBase(L.LightningModule):
 
     # -- resuming with another run length --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the schedule's length and this process' global random states: dropout, per-image transforms,
+        attack starts and random mixing draw from them, so a resumed run draws what the uninterrupted one would
+        (Lightning's checkpoints do not hold them). Under DDP the states of rank 0 are saved."""
         if self._lr_schedule_steps is not None:
             checkpoint[LR_SCHEDULE_STEPS_KEY] = self._lr_schedule_steps
+        checkpoint[RNG_STATES_KEY] = global_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_lr_schedule_steps = checkpoint.get(LR_SCHEDULE_STEPS_KEY)
+        if RNG_STATES_KEY in checkpoint:
+            set_global_rng_states(checkpoint[RNG_STATES_KEY])
 
     def on_train_start(self) -> None:
         self.resize_lr_schedule()

@@ -97,7 +97,7 @@ class RecordDirections(Callback):
         self.batch_sizes: list[int] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batch_sizes.append(len(batch[0]))
+        self.batch_sizes.append(len(batch["inputs"]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.directions.append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]))
