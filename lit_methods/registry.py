@@ -497,6 +497,7 @@ METHODS: dict[str, MethodEntry] = {
             "lit_methods.ssl.Hallucinator",
             (
                 "experiments/hallucinator/hallucinator_resnet18_cifar10.yaml",
+                "experiments/hallucinator/hallucinator_mocov2_resnet18_cifar10.yaml",
                 "experiments/hallucinator/hallucinator_convnet_digits.yaml",
             ),
             "available",
