@@ -25,7 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from lit_methods.datamodules.batch import INPUTS, TARGETS, VIEWS
 from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, check_extras
 from lit_methods.datamodules.normalization import Normalize, unit_pixels
-from lit_methods.datamodules.ssl_views import SSLViewAugment, validate_scale, validate_view_counts
+from lit_methods.datamodules.ssl_views import (
+    SSLViewAugment,
+    validate_color_jitter,
+    validate_scale,
+    validate_view_counts,
+)
 from lit_methods.datamodules.subsets import long_tailed_indices, per_class_subset_indices
 from lit_methods.datamodules.transforms import (
     MultiView,
@@ -240,6 +245,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         ssl_global_scale: area fraction range of the global views' random resized crop: SimCLR's (0.08, 1) by
             default, SwAV's multi-crop uses (0.14, 1).
         ssl_local_scale: area fraction range of the local views (SwAV: (0.05, 0.14)).
+        ssl_color_jitter: colour-jitter strengths ``(brightness, contrast, saturation, hue)`` of every view, on both
+            paths (SimCLR's (0.4, 0.4, 0.4, 0.1) by default; solo-learn's CIFAR recipes use saturation 0.2).
         The other arguments are those of :class:`VisionDataModule`.
     """
 
@@ -271,6 +278,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         ssl_local_size: int | None = None,
         ssl_global_scale: tuple[float, float] = (0.08, 1.0),
         ssl_local_scale: tuple[float, float] = (0.05, 0.14),
+        ssl_color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -305,6 +313,7 @@ class InMemoryVisionDataModule(VisionDataModule):
                 validate_view_counts(ssl_views, ssl_local_views, ssl_local_size)
                 validate_scale("ssl_global_scale", ssl_global_scale)
                 validate_scale("ssl_local_scale", ssl_local_scale)
+                validate_color_jitter("ssl_color_jitter", ssl_color_jitter)
             except ValueError as error:
                 raise ValueError(
                     f"ssl_views={ssl_views}, ssl_local_views={ssl_local_views}, ssl_local_size={ssl_local_size}: "
@@ -335,6 +344,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.ssl_local_size = ssl_local_size
         self.ssl_global_scale = tuple(ssl_global_scale)
         self.ssl_local_scale = tuple(ssl_local_scale)
+        self.ssl_color_jitter = tuple(ssl_color_jitter)
         self.augment: Callable[[Tensor], Tensor | list[Tensor]]
         if augment is not None:
             if not callable(augment):
@@ -358,6 +368,7 @@ class InMemoryVisionDataModule(VisionDataModule):
                 local_size=ssl_local_size,
                 global_scale=self.ssl_global_scale,
                 local_scale=self.ssl_local_scale,
+                color_jitter=self.ssl_color_jitter,
                 seed=seed,
             )
         else:
@@ -423,13 +434,23 @@ class InMemoryVisionDataModule(VisionDataModule):
         if self.ssl_views:
             normalize = self.inputs_normalized
             global_view = build_ssl_view_transforms(
-                self.mean, self.std, self.image_size, *self.ssl_global_scale, normalize=normalize
+                self.mean,
+                self.std,
+                self.image_size,
+                *self.ssl_global_scale,
+                normalize=normalize,
+                color_jitter=self.ssl_color_jitter,
             )
             local_view = None
             if self.ssl_local_views:
                 local_size = (self.ssl_local_size, self.ssl_local_size)
                 local_view = build_ssl_view_transforms(
-                    self.mean, self.std, local_size, *self.ssl_local_scale, normalize=normalize
+                    self.mean,
+                    self.std,
+                    local_size,
+                    *self.ssl_local_scale,
+                    normalize=normalize,
+                    color_jitter=self.ssl_color_jitter,
                 )
             return MultiView(global_view, self.ssl_views, local_view, self.ssl_local_views)
         return build_train_transforms(
@@ -534,6 +555,7 @@ DEFAULT_AUGMENT_FLAGS = (
     "ssl_local_size",
     "ssl_global_scale",
     "ssl_local_scale",
+    "ssl_color_jitter",
 )
 """The arguments of :class:`InMemoryVisionDataModule` that configure its default augment."""
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from lit_methods.datamodules.fast import cutout
-from lit_methods.datamodules.ssl_views import validate_scale
+from lit_methods.datamodules.ssl_views import validate_color_jitter, validate_scale
 
 __all__ = [
     "PAPER_MAGNITUDE_LEVELS",
@@ -138,18 +138,21 @@ def build_ssl_view_transforms(
     min_scale: float = 0.08,
     max_scale: float = 1.0,
     normalize: bool = True,
+    color_jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
 ) -> Callable:
     """One SimCLR view for CIFAR-sized images (Chen et al. 2020, arXiv:2002.05709, appendix B.9): random resized
     crop to ``image_size`` covering ``min_scale`` to ``max_scale`` of the area, flip, colour jitter
-    (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale with p = 0.2, normalization (unless ``normalize=False``: [0, 1]
-    pixels). The per-image counterpart of
-    :class:`lit_methods.datamodules.ssl_views.SSLViewAugment`; a multi-crop local view is this with a small ``image_size``."""
+    ``color_jitter`` = (brightness, contrast, saturation, hue), SimCLR's (0.4, 0.4, 0.4, 0.1) by default, with
+    p = 0.8, grayscale with p = 0.2, normalization (unless ``normalize=False``: [0, 1] pixels). The per-image
+    counterpart of :class:`lit_methods.datamodules.ssl_views.SSLViewAugment`; a multi-crop local view is this with a
+    small ``image_size``."""
     validate_scale("(min_scale, max_scale)", (min_scale, max_scale))
+    validate_color_jitter("color_jitter", color_jitter)
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=(min_scale, max_scale), antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             *tensor_ops(mean, std, normalize),
         ]
