@@ -232,7 +232,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         randaugment_num_ops: RandAugment's N (0: off), applied after crop and flip, before normalization and
             Cutout (Cubuk et al. 2020, arXiv:1909.13719). It transforms each image on its own, so it needs
             ``fast_loader=False`` (the fast path augments whole batches and rejects it).
-        randaugment_magnitude: RandAugment's M on the paper's 0-10 scale.
+        randaugment_magnitude: RandAugment's M on the paper's scale, M / 10 of each op's maximum (CIFAR-10: 5,
+            CIFAR-100: 14; see :class:`~lit_methods.datamodules.transforms.PaperScaleRandAugment`).
         ssl_views: training batches become ``{"views": [view_1, ..., view_n, local_1, ..., local_m], "targets":
             labels}`` with SimCLR's CIFAR augmentation for self-supervised methods; 0 is off, else the number of
             full-size (global) views, >= 2. Per image in the torchvision path
