@@ -113,7 +113,9 @@ class PaperScaleRandAugment(v2.RandAugment):
         if num_ops < 0:
             raise ValueError(f"RandAugment num_ops must be >= 0, got {num_ops}")
         if magnitude < 0:
-            raise ValueError(f"RandAugment magnitude must be >= 0 (paper scale, 10 = each op's maximum), got {magnitude}")
+            raise ValueError(
+                f"RandAugment magnitude must be >= 0 (paper scale, 10 = each op's maximum), got {magnitude}"
+            )
         num_magnitude_bins = max(magnitude, PAPER_MAGNITUDE_LEVELS) + 1
         super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=num_magnitude_bins)
 
