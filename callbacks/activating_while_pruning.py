@@ -40,7 +40,9 @@ class ActivatingWhilePruning(Callback):
     named in ``exclude``.
 
     Masked weights stay exactly zero: their gradients are zeroed before every optimizer step and the weights are
-    re-masked after every batch. The learning-rate schedule belongs to the module and is *not* restarted per cycle.
+    re-masked after every batch. The learning-rate schedule belongs to the module; the official per-cycle one
+(warm-up then step drops, restarted every cycle) is :class:`lit_methods.pruning.CyclicWarmupStepLR`, given as the
+module's ``lr_scheduler`` with this callback's ``epochs_per_cycle``.
 
     Logged each epoch: ``ap/sparsity`` (pruned share of prunable weights) and, with ``track_dead_neurons``, the
     dynamic dead neuron rate of the ``nn.ReLU`` modules over the epoch's training batches
