@@ -3,6 +3,8 @@ exact resume, identical masks under DDP, and AP's effect on real digits."""
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from lit_methods.callbacks.activating_while_pruning import ActivatingWhilePruning
 from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
+from lit_methods.pruning import CyclicWarmupStepLR
 from tests.ddp_helpers import run_distributed
 from tests.helpers import cpu_trainer
 
@@ -269,3 +272,30 @@ def test_new_options_are_checked():
     with pytest.raises(ValueError, match="'backbone.2', which is not a conv/linear module"):
         callback.setup(None, model, "fit")
     ActivatingWhilePruning(exclude=["backbone.2"], prune_batchnorm_weights=True).setup(None, model, "fit")
+
+
+class _RecordLR(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_official_schedule_restarts_with_every_pruning_cycle(tmp_path):
+    """Wired as the module's ``lr_scheduler`` next to the callback, the official schedule steps once per optimizer
+    step and restarts its warm-up at each cycle: cycles of 2 epochs x 3 batches, warm-up over 4 steps, a drop at the
+    cycle's second epoch."""
+    torch.manual_seed(0)
+    schedule = functools.partial(
+        CyclicWarmupStepLR, steps_per_epoch=3, epochs_per_cycle=2, warmup_steps=4, drop_epochs=(1,), drop_factor=0.1
+    )
+    model = ImageClassifier(mlp(), num_classes=10, lr=0.1, lr_scheduler=schedule)
+    pruner = ActivatingWhilePruning(prune_rate=0.2, ap_rate=0.02, epochs_per_cycle=2, track_dead_neurons=False)
+    recorder = _RecordLR()
+    trainer(tmp_path, max_epochs=6, limit_train_batches=3, callbacks=[recorder, pruner]).fit(
+        model, datamodule=DigitsDataModule(batch_size=64)
+    )
+    one_cycle = [0.025, 0.05, 0.075, 0.01, 0.01, 0.01]
+    assert recorder.rates == pytest.approx(one_cycle * 3)
+    assert pruner.prunings_done == 2
