@@ -9,7 +9,7 @@ that moved least during the cycle; removing negative inputs raises pre-activatio
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -23,6 +23,8 @@ from lit_methods.pruning import DeadNeuronRate, masked_share, observe_relu_outpu
 __all__ = ["ActivatingWhilePruning"]
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+REWIND_MODES = ("init", "reinit")
 
 
 class ActivatingWhilePruning(Callback):
@@ -34,13 +36,16 @@ class ActivatingWhilePruning(Callback):
     batch, so a checkpoint written at the end of a cycle resumes into the pruning step) the callback removes
     ``prune_rate`` of the surviving conv/linear weights (:func:`lit_methods.pruning.select_surviving_weights`;
     ``ap_rate`` of them by AP), rewinds *all* parameters to their values at the start of fit (lottery-ticket
-    rewinding; biases and norm parameters included, BN running statistics kept), and clears the optimizer state
+    rewinding; biases and norm parameters included, BN running statistics kept) or, with ``rewind="reinit"``,
+    draws them afresh (the official code's default ``prune_type=reinit``), and clears the optimizer state
     (momentum), as the official code builds a fresh SGD per cycle. ``ap_rate=0`` is the same pruner without AP: the
     baseline. Every conv/linear weight is prunable, the classifier's included (as in the official code), unless
     named in ``exclude``.
 
     Masked weights stay exactly zero: their gradients are zeroed before every optimizer step and the weights are
-    re-masked after every batch. The learning-rate schedule belongs to the module and is *not* restarted per cycle.
+    re-masked after every batch. The learning-rate schedule belongs to the module; the official per-cycle one
+(warm-up then step drops, restarted every cycle) is :class:`lit_methods.pruning.CyclicWarmupStepLR`, given as the
+module's ``lr_scheduler`` with this callback's ``epochs_per_cycle``.
 
     Logged each epoch: ``ap/sparsity`` (pruned share of prunable weights) and, with ``track_dead_neurons``, the
     dynamic dead neuron rate of the ``nn.ReLU`` modules over the epoch's training batches
@@ -60,6 +65,14 @@ class ActivatingWhilePruning(Callback):
         reset_optimizer_state: clear the optimizer state at each pruning step; when False only the state entries of
             pruned weights are zeroed.
         track_dead_neurons: measure and log the dynamic dead neuron rate.
+        rewind: ``"init"`` (lottery-ticket rewinding to the parameters at the start of fit) or ``"reinit"`` (the
+            official ``prune_type=reinit``): at each pruning step every module with ``reset_parameters`` draws new
+            parameters with its own initialiser from torch's global generator (rank 0's draw under DDP; buffers
+            such as BN running statistics are kept), the survivors keep their new values and the new values
+            become the ones later ``"reinit"`` steps replace.
+        prune_batchnorm_weights: also prune the weights (scales) of batch-norm layers, in the same global ranking
+            as the conv/linear weights, as the official code does (it prunes every parameter named ``weight``);
+            ``exclude`` may then name batch-norm modules too.
     """
 
     slug: ClassVar[str] = "ap"
@@ -74,6 +87,8 @@ class ActivatingWhilePruning(Callback):
         exclude: list[str] | None = None,
         reset_optimizer_state: bool = True,
         track_dead_neurons: bool = True,
+        rewind: Literal["init", "reinit"] = "init",
+        prune_batchnorm_weights: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < prune_rate < 1.0:
@@ -84,6 +99,8 @@ class ActivatingWhilePruning(Callback):
             raise ValueError(f"epochs_per_cycle must be an int >= 1, got {epochs_per_cycle!r}")
         if num_prunings is not None and (not isinstance(num_prunings, int) or num_prunings < 0):
             raise ValueError(f"num_prunings must be None or an int >= 0, got {num_prunings!r}")
+        if rewind not in REWIND_MODES:
+            raise ValueError(f"rewind must be one of {REWIND_MODES}, got {rewind!r}")
         self.prune_rate = prune_rate
         self.ap_rate = ap_rate
         self.epochs_per_cycle = epochs_per_cycle
@@ -91,6 +108,9 @@ class ActivatingWhilePruning(Callback):
         self.exclude = list(exclude or [])
         self.reset_optimizer_state = reset_optimizer_state
         self.track_dead_neurons = track_dead_neurons
+        self.rewind = rewind
+        self.prune_batchnorm_weights = prune_batchnorm_weights
+        self.prunable_types = PRUNABLE_TYPES + (NORM_TYPES if prune_batchnorm_weights else ())
         self.prunings_done = 0
         self.masks: dict[str, Tensor] = {}
         self.initial_params: dict[str, Tensor] = {}
@@ -105,14 +125,15 @@ class ActivatingWhilePruning(Callback):
         if stage != "fit":
             return
         modules = dict(pl_module.named_modules())
+        kinds = "conv/linear/batch-norm" if self.prune_batchnorm_weights else "conv/linear"
         for name in self.exclude:
-            if not isinstance(modules.get(name), PRUNABLE_TYPES):
+            if not isinstance(modules.get(name), self.prunable_types):
                 module_name = type(pl_module).__name__
-                raise ValueError(f"exclude names {name!r}, which is not a conv/linear module of {module_name}")
+                raise ValueError(f"exclude names {name!r}, which is not a {kinds} module of {module_name}")
         self.prunable = {
             f"{name}.weight": module.weight
             for name, module in modules.items()
-            if isinstance(module, PRUNABLE_TYPES) and name not in self.exclude
+            if isinstance(module, self.prunable_types) and name not in self.exclude and module.weight is not None
         }
         if not self.prunable:
             raise ValueError(f"{type(pl_module).__name__} has no prunable conv/linear layer (exclude={self.exclude})")
@@ -200,7 +221,8 @@ class ActivatingWhilePruning(Callback):
 
     @torch.no_grad()
     def prune_and_rewind(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Prune (IMP + AP), broadcast rank 0's masks, rewind to the initial parameters, reset the optimizer."""
+        """Prune (IMP + AP), broadcast rank 0's masks, rewind to the initial parameters (or draw new ones), reset the
+        optimizer."""
         names = list(self.prunable)
         alive, _ = select_surviving_weights(
             torch.cat([self.prunable[n].flatten() for n in names]),
@@ -212,6 +234,8 @@ class ActivatingWhilePruning(Callback):
         alive = trainer.strategy.broadcast(alive, src=0).to(pl_module.device)
         for name, flat in zip(names, alive.split([self.masks[n].numel() for n in names])):
             self.masks[name] = flat.view_as(self.masks[name]).to(self.masks[name].dtype)
+        if self.rewind == "reinit":
+            self.initial_params = self._fresh_parameters(trainer, pl_module)
         for name, param in pl_module.named_parameters():
             param.copy_(self.initial_params[name])
         self._apply_masks()
@@ -219,6 +243,19 @@ class ActivatingWhilePruning(Callback):
         self.prunings_done += 1
         for optimizer in trainer.optimizers:
             self._reset_optimizer(optimizer)
+
+    @staticmethod
+    def _fresh_parameters(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """New parameters drawn by every module's ``reset_parameters`` (rank 0's), the buffers left as they were."""
+        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        for module in pl_module.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        for name, buffer in pl_module.named_buffers():
+            buffer.copy_(buffers[name])
+        fresh = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+        return {name: p.to(pl_module.device) for name, p in trainer.strategy.broadcast(fresh, src=0).items()}
 
     def _reset_optimizer(self, optimizer: Optimizer) -> None:
         if self.reset_optimizer_state:

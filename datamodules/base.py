@@ -25,7 +25,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from lit_methods.datamodules.batch import INPUTS, TARGETS, VIEWS
 from lit_methods.datamodules.fast import BatchAugment, InMemoryBatchLoader, ShardedEpochSampler, check_extras
 from lit_methods.datamodules.normalization import Normalize, unit_pixels
-from lit_methods.datamodules.ssl_views import SSLViewAugment, validate_scale, validate_view_counts
+from lit_methods.datamodules.ssl_views import (
+    SSLViewAugment,
+    validate_color_jitter,
+    validate_scale,
+    validate_view_counts,
+)
 from lit_methods.datamodules.subsets import long_tailed_indices, per_class_subset_indices
 from lit_methods.datamodules.transforms import (
     MultiView,
@@ -244,7 +249,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         randaugment_num_ops: RandAugment's N (0: off), applied after crop and flip, before normalization and
             Cutout (Cubuk et al. 2020, arXiv:1909.13719). It transforms each image on its own, so it needs
             ``fast_loader=False`` (the fast path augments whole batches and rejects it).
-        randaugment_magnitude: RandAugment's M on the paper's 0-10 scale.
+        randaugment_magnitude: RandAugment's M on the paper's scale, M / 10 of each op's maximum (CIFAR-10: 5,
+            CIFAR-100: 14; see :class:`~lit_methods.datamodules.transforms.PaperScaleRandAugment`).
         ssl_views: training batches become ``{"views": [view_1, ..., view_n, local_1, ..., local_m], "targets":
             labels}`` with SimCLR's CIFAR augmentation for self-supervised methods; 0 is off, else the number of
             full-size (global) views, >= 2. Per image in the torchvision path
@@ -257,6 +263,8 @@ class InMemoryVisionDataModule(VisionDataModule):
         ssl_global_scale: area fraction range of the global views' random resized crop: SimCLR's (0.08, 1) by
             default, SwAV's multi-crop uses (0.14, 1).
         ssl_local_scale: area fraction range of the local views (SwAV: (0.05, 0.14)).
+        ssl_color_jitter: colour-jitter strengths ``(brightness, contrast, saturation, hue)`` of every view, on both
+            paths (SimCLR's (0.4, 0.4, 0.4, 0.1) by default; solo-learn's CIFAR recipes use saturation 0.2).
         The other arguments are those of :class:`VisionDataModule`.
     """
 
@@ -288,6 +296,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         ssl_local_size: int | None = None,
         ssl_global_scale: tuple[float, float] = (0.08, 1.0),
         ssl_local_scale: tuple[float, float] = (0.05, 0.14),
+        ssl_color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -322,6 +331,7 @@ class InMemoryVisionDataModule(VisionDataModule):
                 validate_view_counts(ssl_views, ssl_local_views, ssl_local_size)
                 validate_scale("ssl_global_scale", ssl_global_scale)
                 validate_scale("ssl_local_scale", ssl_local_scale)
+                validate_color_jitter("ssl_color_jitter", ssl_color_jitter)
             except ValueError as error:
                 raise ValueError(
                     f"ssl_views={ssl_views}, ssl_local_views={ssl_local_views}, ssl_local_size={ssl_local_size}: "
@@ -352,6 +362,7 @@ class InMemoryVisionDataModule(VisionDataModule):
         self.ssl_local_size = ssl_local_size
         self.ssl_global_scale = tuple(ssl_global_scale)
         self.ssl_local_scale = tuple(ssl_local_scale)
+        self.ssl_color_jitter = tuple(ssl_color_jitter)
         self.augment: Callable[[Tensor], Tensor | list[Tensor]]
         if augment is not None:
             if not callable(augment):
@@ -375,6 +386,7 @@ class InMemoryVisionDataModule(VisionDataModule):
                 local_size=ssl_local_size,
                 global_scale=self.ssl_global_scale,
                 local_scale=self.ssl_local_scale,
+                color_jitter=self.ssl_color_jitter,
                 seed=seed,
             )
         else:
@@ -440,13 +452,23 @@ class InMemoryVisionDataModule(VisionDataModule):
         if self.ssl_views:
             normalize = self.inputs_normalized
             global_view = build_ssl_view_transforms(
-                self.mean, self.std, self.image_size, *self.ssl_global_scale, normalize=normalize
+                self.mean,
+                self.std,
+                self.image_size,
+                *self.ssl_global_scale,
+                normalize=normalize,
+                color_jitter=self.ssl_color_jitter,
             )
             local_view = None
             if self.ssl_local_views:
                 local_size = (self.ssl_local_size, self.ssl_local_size)
                 local_view = build_ssl_view_transforms(
-                    self.mean, self.std, local_size, *self.ssl_local_scale, normalize=normalize
+                    self.mean,
+                    self.std,
+                    local_size,
+                    *self.ssl_local_scale,
+                    normalize=normalize,
+                    color_jitter=self.ssl_color_jitter,
                 )
             return MultiView(global_view, self.ssl_views, local_view, self.ssl_local_views)
         return build_train_transforms(
@@ -551,6 +573,7 @@ DEFAULT_AUGMENT_FLAGS = (
     "ssl_local_size",
     "ssl_global_scale",
     "ssl_local_scale",
+    "ssl_color_jitter",
 )
 """The arguments of :class:`InMemoryVisionDataModule` that configure its default augment."""
 

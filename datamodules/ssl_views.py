@@ -193,7 +193,7 @@ class SSLViewAugment:
 
     Returns ``[global_1, ..., global_g, local_1, ..., local_l]``: global views keep the input's ``H x W``, local
     views are ``local_size x local_size``. Each view: random resized crop (``ratio`` 3/4 to 4/3) and horizontal
-    flip (p = 0.5), colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8 in a per-sample random order, grayscale with
+    flip (p = 0.5), colour jitter (``color_jitter``) with p = 0.8 in a per-sample random order, grayscale with
     p = 0.2; ``float32`` pixels in [0, 1] (the datamodule normalizes them as a separate step); the same distribution as
     :func:`lit_methods.datamodules.transforms.build_ssl_view_transforms` before its normalization. Every random
     parameter is drawn from :attr:`generator`, a CPU ``torch.Generator`` (the datamodule re-seeds it every epoch).
@@ -204,11 +204,14 @@ class SSLViewAugment:
         local_size: side of the local views (required when ``local_views > 0``).
         global_scale: area fraction range of the global crops.
         local_scale: area fraction range of the local crops.
+        color_jitter: strengths ``(brightness, contrast, saturation, hue)`` as torchvision's ``ColorJitter``
+            takes them: factors uniform in ``[1 - s, 1 + s]`` (each ``s`` in [0, 1]) and a hue shift uniform in
+            ``[-h, h]`` (``h`` in [0, 0.5]); SimCLR's (0.4, 0.4, 0.4, 0.1) by default, solo-learn's CIFAR recipes
+            use saturation 0.2.
         seed: seed of the CPU generator that draws all random parameters.
     """
 
     ratio = (3 / 4, 4 / 3)
-    jitter_strength = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p = 0.8
     grayscale_p = 0.2
 
@@ -219,16 +222,19 @@ class SSLViewAugment:
         local_size: int | None = None,
         global_scale: tuple[float, float] = (0.08, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.14),
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
         seed: int = 0,
     ) -> None:
         validate_view_counts(global_views, local_views, local_size)
         validate_scale("global_scale", global_scale)
         validate_scale("local_scale", local_scale)
+        validate_color_jitter("color_jitter", color_jitter)
         self.global_views = global_views
         self.local_views = local_views
         self.local_size = local_size
         self.global_scale = tuple(global_scale)
         self.local_scale = tuple(local_scale)
+        self.color_jitter = tuple(color_jitter)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: Tensor) -> list[Tensor]:
@@ -258,7 +264,7 @@ class SSLViewAugment:
         saturation, hue), each sample's order of the four jitter ops, and which samples turn grayscale."""
         g, n = self.generator, batch_size
         top, left, box_h, box_w = sample_resized_crop_boxes(n, height, width, scale, self.ratio, g)
-        b, c, s, h = self.jitter_strength
+        b, c, s, h = self.color_jitter
         return {
             "top": top,
             "left": left,
@@ -315,3 +321,14 @@ def validate_scale(name: str, scale: Sequence[float]) -> None:
     """Raise ``ValueError`` unless ``scale`` is a pair ``0 < low <= high <= 1``."""
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"{name} must be a pair 0 < low <= high <= 1, got {tuple(scale)}")
+
+
+def validate_color_jitter(name: str, strengths: Sequence[float]) -> None:
+    """Refuse colour-jitter strengths other than four numbers ``(brightness, contrast, saturation, hue)`` with the
+    first three in [0, 1] and the hue in [0, 0.5] (the ranges where both augmentation paths draw the same factors)."""
+    if len(strengths) != 4:
+        raise ValueError(f"{name} must be (brightness, contrast, saturation, hue), got {tuple(strengths)}")
+    if not (all(0.0 <= value <= 1.0 for value in strengths[:3]) and 0.0 <= strengths[3] <= 0.5):
+        raise ValueError(
+            f"{name} needs brightness, contrast and saturation in [0, 1] and hue in [0, 0.5], got {tuple(strengths)}"
+        )

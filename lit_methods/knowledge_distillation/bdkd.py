@@ -5,7 +5,8 @@ KL(p_t || p_s) and reverse KL(p_s || p_t) per sample, by the sign of the entropy
 under-confident student (higher entropy than its teacher) gets the mode-seeking reverse KL weighted up, an
 over-confident one the mean-seeking forward KL. Teacher and student train together (online, DML-style); the
 teacher is regularised towards the student with a KL term. The exact weights are not public: ``weight_high`` and
-``weight_low`` are knobs.
+``weight_low`` are knobs, and whether the rule is a hard switch or a continuous function of the entropy gap is not
+known either: ``weighting`` offers both.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class BDKDLoss(nn.Module):
         weight_high: weight of the emphasised divergence of a sample.
         weight_low: weight of the other divergence.
         balance: ``"adaptive"`` (BD-KD's per-sample rule) or ``"forward"`` (forward KL only: classic KD).
+        weighting: how the adaptive rule turns the entropy gap ``dH = H(p_s) - H(p_t)`` into weights:
+            ``"hard"`` switches (``(low, high)`` for ``(forward, reverse)`` where ``dH > 0``, else ``(high, low)``);
+            ``"soft"`` interpolates, ``reverse = low + (high - low) * sigmoid(dH / weighting_scale)`` and
+            ``forward = low + (high - low) * sigmoid(-dH / weighting_scale)`` (the sum stays ``high + low``; equal
+            weights at ``dH = 0``; the hard rule as ``weighting_scale -> 0``).
+        weighting_scale: entropy gap (nats, at temperature T) over which the soft weights move from one end to the
+            other (about 73% of the way at ``dH = weighting_scale``).
         teacher_divergence: the teacher's term, ``"reverse"`` KL(p_s || p_t) or ``"forward"`` KL(p_t || p_s),
             with the student detached.
     """
@@ -51,6 +59,8 @@ class BDKDLoss(nn.Module):
         weight_low: float = 0.5,
         balance: Literal["adaptive", "forward"] = "adaptive",
         teacher_divergence: Literal["reverse", "forward"] = "reverse",
+        weighting: Literal["hard", "soft"] = "hard",
+        weighting_scale: float = 0.1,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -61,11 +71,19 @@ class BDKDLoss(nn.Module):
             raise ValueError(f"balance must be 'adaptive' or 'forward', got {balance!r}")
         if teacher_divergence not in ("reverse", "forward"):
             raise ValueError(f"teacher_divergence must be 'reverse' or 'forward', got {teacher_divergence!r}")
+        if weighting not in ("hard", "soft"):
+            raise ValueError(f"weighting must be 'hard' or 'soft', got {weighting!r}")
+        if weighting == "soft" and balance != "adaptive":
+            raise ValueError(f"weighting='soft' shapes the adaptive rule; balance={balance!r} has no rule to shape")
+        if not weighting_scale > 0:
+            raise ValueError(f"weighting_scale must be > 0, got {weighting_scale}")
         self.temperature = temperature
         self.weight_high = weight_high
         self.weight_low = weight_low
         self.balance = balance
         self.teacher_divergence = teacher_divergence
+        self.weighting = weighting
+        self.weighting_scale = weighting_scale
 
     def sample_weights(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample weights ``(forward, reverse)`` of the student's two divergences."""
@@ -74,7 +92,12 @@ class BDKDLoss(nn.Module):
             return ones, torch.zeros_like(ones)
         log_s = F.log_softmax(student_logits / self.temperature, dim=1)
         log_t = F.log_softmax(teacher_logits / self.temperature, dim=1)
-        under_confident = _entropy(log_s) > _entropy(log_t)
+        entropy_gap = _entropy(log_s) - _entropy(log_t)
+        if self.weighting == "soft":
+            span = self.weight_high - self.weight_low
+            reverse_share = torch.sigmoid(entropy_gap / self.weighting_scale)
+            return self.weight_low + span * (1 - reverse_share), self.weight_low + span * reverse_share
+        under_confident = entropy_gap > 0
         high = torch.full_like(under_confident, self.weight_high, dtype=student_logits.dtype)
         low = torch.full_like(high, self.weight_low)
         return torch.where(under_confident, low, high), torch.where(under_confident, high, low)
@@ -107,7 +130,8 @@ class BDKD(ImageClassifier):
         backbone: the student network.
         teacher: the larger network trained alongside (``class_path`` from the CLI, data facts filled like the
             backbone's).
-        temperature, weight_high, weight_low, balance, teacher_divergence: see :class:`BDKDLoss`.
+        temperature, weight_high, weight_low, balance, teacher_divergence, weighting, weighting_scale: see
+            :class:`BDKDLoss`.
         distillation_weight: weight of the distillation terms next to each network's cross-entropy.
         **kwargs: the arguments of :class:`~lit_methods.ImageClassifier`.
     """
@@ -123,6 +147,8 @@ class BDKD(ImageClassifier):
         weight_low: float = 0.5,
         balance: Literal["adaptive", "forward"] = "adaptive",
         teacher_divergence: Literal["reverse", "forward"] = "reverse",
+        weighting: Literal["hard", "soft"] = "hard",
+        weighting_scale: float = 0.1,
         distillation_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
@@ -130,7 +156,15 @@ class BDKD(ImageClassifier):
         if distillation_weight < 0:
             raise ValueError(f"distillation_weight must be >= 0, got {distillation_weight}")
         self.teacher = teacher
-        self.distillation = BDKDLoss(temperature, weight_high, weight_low, balance, teacher_divergence)
+        self.distillation = BDKDLoss(
+            temperature=temperature,
+            weight_high=weight_high,
+            weight_low=weight_low,
+            balance=balance,
+            teacher_divergence=teacher_divergence,
+            weighting=weighting,
+            weighting_scale=weighting_scale,
+        )
         self.distillation_weight = distillation_weight
         self.val_ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")
         self.test_ece = MulticlassCalibrationError(self.num_classes, n_bins=15, norm="l1")

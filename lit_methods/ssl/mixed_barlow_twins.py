@@ -3,7 +3,7 @@ https://arxiv.org/abs/2312.02151)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,20 @@ from torch import Tensor, nn
 from lit_methods.losses.mixed_barlow_twins import MixedBarlowTwinsRegularizer
 from lit_methods.ssl.barlow_twins import BarlowTwins
 
-__all__ = ["MixedBarlowTwins"]
+__all__ = ["MixedBarlowTwins", "PROJECTORS", "mix_bt_projector"]
+
+PROJECTORS = ("barlow_twins", "mix_bt")
+
+
+def mix_bt_projector(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
+    """The official small-dataset projector of Mixed Barlow Twins (``wgcban/mix-bt``, ``model.py``): two layers,
+    ``Linear(in, hidden, bias=False) - BatchNorm1d - ReLU - Linear(hidden, out)`` with a bias on the output layer."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_features, bias=False),
+        nn.BatchNorm1d(hidden_features),
+        nn.ReLU(),
+        nn.Linear(hidden_features, out_features, bias=True),
+    )
 
 
 class MixedBarlowTwins(BarlowTwins):
@@ -31,6 +44,9 @@ class MixedBarlowTwins(BarlowTwins):
         mix_reg_weight: the paper's ``lambda_reg`` (4.0 for CIFAR and TinyImageNet, 2.0 for STL-10); 0 turns the
             regularizer off.
         mix_beta: both parameters of the Beta distribution of ``alpha`` (1.0: uniform, as the paper).
+        projector: ``"barlow_twins"`` (default), Barlow Twins' 3-layer projector without biases; ``"mix_bt"``, the
+            official CIFAR/STL/TinyImageNet projector of :func:`mix_bt_projector` (2 layers, output bias), both of
+            widths ``projection_hidden_dim`` and ``projection_dim``.
         l2_normalize_projections: L2-normalize each projection before the losses, as the official CIFAR code's
             model does (the Barlow Twins term then differs from plain Barlow Twins).
         **kwargs: the arguments of :class:`~lit_methods.ssl.BarlowTwins` (``lambda_offdiag`` is ``lambda_BT``,
@@ -44,14 +60,20 @@ class MixedBarlowTwins(BarlowTwins):
         backbone: nn.Module,
         mix_reg_weight: float = 4.0,
         mix_beta: float = 1.0,
+        projector: Literal["barlow_twins", "mix_bt"] = "barlow_twins",
         l2_normalize_projections: bool = False,
         **kwargs: Any,
     ) -> None:
+        if projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {projector!r}")
         if mix_reg_weight < 0:
             raise ValueError(f"mix_reg_weight must be >= 0, got {mix_reg_weight}")
         if mix_beta <= 0:
             raise ValueError(f"mix_beta must be > 0, got {mix_beta}")
         super().__init__(backbone, **kwargs)
+        if projector == "mix_bt":
+            hidden_features, out_features = self.projector[0].out_features, self.projector[-1].out_features
+            self.projector = mix_bt_projector(self.num_features, hidden_features, out_features)
         self.mix_reg_weight = mix_reg_weight
         self.mix_beta = mix_beta
         self.l2_normalize_projections = l2_normalize_projections

@@ -40,10 +40,16 @@ class MoCoV2(SSLMethod):
         temperature: InfoNCE temperature (0.2).
         base_momentum: EMA momentum at the start (0.99 here; MoCo v2 keeps 0.999 constant).
         final_momentum: EMA momentum at the end of training, reached along a cosine.
+        symmetric: ``True`` (default) is the symmetrised "v2+" loss ``(l(q1, k2) + l(q2, k1)) / 2`` that enqueues
+            both views' keys; ``False`` is the original MoCo v2 of the paper and its official code
+            (``facebookresearch/moco``): one direction ``l(q1, k2)``, only ``k2`` enqueued. The base still encodes
+            the second view with the online backbone (features of every view are computed); that forward adds no
+            gradient and only updates batch-norm running statistics.
         hallucinator: add the :class:`~lit_methods.ssl.hallucinator.Hallucinator`'s extra positives (Wu et al.,
             https://arxiv.org/abs/2307.12168): each raw query ``p`` (before normalisation, as in the official code)
-            becomes ``[p; h]`` against the keys ``[k; k]``, and, as in the official code, the duplicated keys are
-            enqueued. Off (the default), the method is plain MoCo v2.
+            becomes ``[p; h]`` against the keys ``[k; k]``. Only the distinct keys are enqueued: the official code
+            enqueues the duplicated ``[k; k]``, which halves the distinct negatives in the queue. Off (the default),
+            the method is plain MoCo v2.
         hallucinator_max_ratio: upper end of the Hallucinator's extrapolation ratio range (0.1).
         **kwargs: the arguments of :class:`~lit_methods.ssl.SSLMethod`.
     """
@@ -59,6 +65,7 @@ class MoCoV2(SSLMethod):
         temperature: float = 0.2,
         base_momentum: float = 0.99,
         final_momentum: float = 1.0,
+        symmetric: bool = True,
         hallucinator: bool = False,
         hallucinator_max_ratio: float = 0.1,
         **kwargs: Any,
@@ -76,6 +83,7 @@ class MoCoV2(SSLMethod):
         self.temperature = temperature
         self.base_momentum = base_momentum
         self.final_momentum = final_momentum
+        self.symmetric = symmetric
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, projection_dim), dim=1))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         self.hallucinator = optional_hallucinator(projection_dim, hallucinator, hallucinator_max_ratio)
@@ -93,14 +101,23 @@ class MoCoV2(SSLMethod):
         return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long, device=queries.device))
 
     def ssl_loss(self, views: list[Tensor], features: list[Tensor]) -> Tensor:
-        p1, p2 = (self.projector(f) for f in features[:2])
-        k1, k2 = self.keys(views[0]), self.keys(views[1])
-        if self.hallucinator is not None:
-            (p1, k2), (p2, k1) = self.hallucinator.extend(p1, k2), self.hallucinator.extend(p2, k1)
-        q1, q2 = F.normalize(p1, dim=1), F.normalize(p2, dim=1)
-        loss = (self.info_nce(q1, k2) + self.info_nce(q2, k1)) / 2
-        self.enqueue(torch.cat([k1, k2]))
+        if self.symmetric:
+            k1, k2 = self.keys(views[0]), self.keys(views[1])
+            loss = (self.query_loss(features[0], k2) + self.query_loss(features[1], k1)) / 2
+            self.enqueue(torch.cat([k1, k2]))
+        else:
+            k2 = self.keys(views[1])
+            loss = self.query_loss(features[0], k2)
+            self.enqueue(k2)
         return loss
+
+    def query_loss(self, query_features: Tensor, keys: Tensor) -> Tensor:
+        """InfoNCE of the queries projected from ``query_features`` against their ``keys`` (and the queue), with the
+        Hallucinator's extra positives when it is on."""
+        projections = self.projector(query_features)
+        if self.hallucinator is not None:
+            projections, keys = self.hallucinator.extend(projections, keys)
+        return self.info_nce(F.normalize(projections, dim=1), keys)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:

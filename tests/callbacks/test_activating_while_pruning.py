@@ -3,6 +3,8 @@ exact resume, identical masks under DDP, and AP's effect on real digits."""
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from lit_methods.callbacks.activating_while_pruning import ActivatingWhilePruning
 from lit_methods.datamodules import DigitsDataModule
 from lit_methods import ImageClassifier
+from lit_methods.pruning import CyclicWarmupStepLR
 from tests.ddp_helpers import run_distributed
 from tests.helpers import cpu_trainer
 
@@ -189,3 +192,110 @@ def test_ap_lowers_the_dead_neuron_rate_without_losing_accuracy_on_digits(in_tmp
     imp_acc, ap_acc = (sum(r[2] for r in runs) / 3 for runs in (imp, ap))
     assert ap_dead < imp_dead, (imp, ap)
     assert ap_acc >= imp_acc - 0.01, (imp, ap)  # tolerance: 1 point, about 4 of the 450 test digits
+
+
+def bn_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+
+class _CycleStart(Callback):
+    """Placed before the pruning callback: the BN statistics at the end of epoch 0, the parameters at epoch 1's
+    first batch (after the pruning step)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            self.running_mean = pl_module.backbone[2].running_mean.clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 0:
+            self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            self.running_mean_after = pl_module.backbone[2].running_mean.clone()
+
+
+def test_reinit_gives_the_survivors_freshly_drawn_values_and_keeps_the_bn_statistics(tmp_path):
+    """``rewind="reinit"`` (the official ``prune_type=reinit``): after the pruning step every parameter is a new draw
+    (neither its value at the start of fit nor the trained one), masked where pruned, the new draw becomes the
+    callback's initial parameters, and the BN running statistics are those of the end of the cycle. Checked to fail
+    with ``rewind="init"`` (survivors back at their start-of-fit values)."""
+    torch.manual_seed(0)
+    model = ImageClassifier(bn_mlp(), num_classes=10, lr=0.05, lr_schedule="constant")
+    at_start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruner = ActivatingWhilePruning(
+        prune_rate=0.3, ap_rate=0.05, epochs_per_cycle=1, num_prunings=1, rewind="reinit", track_dead_neurons=False
+    )
+    probe = _CycleStart()
+    trainer(tmp_path, max_epochs=2, limit_train_batches=3, callbacks=[probe, pruner]).fit(
+        model, datamodule=DigitsDataModule(batch_size=64)
+    )
+    masks = pruner.masks
+    for name, value in probe.params.items():
+        torch.testing.assert_close(value, pruner.initial_params[name] * masks.get(name, 1), rtol=0, atol=0)
+        if name.endswith("2.weight") or name.endswith("2.bias"):  # BN: reset to ones and zeros, its start values
+            continue
+        changed = (pruner.initial_params[name] != at_start[name]).float().mean()
+        assert changed > 0.9, name
+    torch.testing.assert_close(probe.running_mean_after, probe.running_mean, rtol=0, atol=0)
+    assert not torch.equal(probe.running_mean, torch.zeros(32))
+
+
+def test_batchnorm_weights_join_the_global_ranking_when_asked(tmp_path):
+    """With ``prune_batchnorm_weights`` the BN scales are prunable like the official code's (every ``weight``):
+    set to 1e-3, they are the smallest magnitudes and the first to go; without it they are never masked. Checked to
+    fail when the option is ignored."""
+    results = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = ImageClassifier(bn_mlp(), num_classes=10, lr=1e-4, lr_schedule="constant")
+        with torch.no_grad():
+            model.backbone[2].weight.fill_(1e-3)
+        pruner = ActivatingWhilePruning(
+            prune_rate=0.3, ap_rate=0.0, epochs_per_cycle=1, num_prunings=1, prune_batchnorm_weights=flag,
+            track_dead_neurons=False,
+        )
+        trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[pruner]).fit(
+            model, datamodule=DigitsDataModule(batch_size=64)
+        )
+        results[flag] = (set(pruner.masks), model.backbone[2].weight.detach().clone(), pruner.masks)
+    names, bn_weight, _ = results[False]
+    assert "backbone.2.weight" not in names and (bn_weight != 0).all()
+    names, bn_weight, masks = results[True]
+    assert "backbone.2.weight" in names and (masks["backbone.2.weight"] == 0).all() and (bn_weight == 0).all()
+    total = 64 * 32 + 32 + 32 * 10
+    assert sum(int(m.sum()) for m in masks.values()) == total - round(0.3 * total)
+
+
+def test_new_options_are_checked():
+    with pytest.raises(ValueError, match="rewind must be one of \\('init', 'reinit'\\), got 'random'"):
+        ActivatingWhilePruning(rewind="random")
+    model = ImageClassifier(bn_mlp(), num_classes=10)
+    callback = ActivatingWhilePruning(exclude=["backbone.2"], track_dead_neurons=False)
+    with pytest.raises(ValueError, match="'backbone.2', which is not a conv/linear module"):
+        callback.setup(None, model, "fit")
+    ActivatingWhilePruning(exclude=["backbone.2"], prune_batchnorm_weights=True).setup(None, model, "fit")
+
+
+class _RecordLR(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_official_schedule_restarts_with_every_pruning_cycle(tmp_path):
+    """Wired as the module's ``lr_scheduler`` next to the callback, the official schedule steps once per optimizer
+    step and restarts its warm-up at each cycle: cycles of 2 epochs x 3 batches, warm-up over 4 steps, a drop at the
+    cycle's second epoch."""
+    torch.manual_seed(0)
+    schedule = functools.partial(
+        CyclicWarmupStepLR, steps_per_epoch=3, epochs_per_cycle=2, warmup_steps=4, drop_epochs=(1,), drop_factor=0.1
+    )
+    model = ImageClassifier(mlp(), num_classes=10, lr=0.1, lr_scheduler=schedule)
+    pruner = ActivatingWhilePruning(prune_rate=0.2, ap_rate=0.02, epochs_per_cycle=2, track_dead_neurons=False)
+    recorder = _RecordLR()
+    trainer(tmp_path, max_epochs=6, limit_train_batches=3, callbacks=[recorder, pruner]).fit(
+        model, datamodule=DigitsDataModule(batch_size=64)
+    )
+    one_cycle = [0.025, 0.05, 0.075, 0.01, 0.01, 0.01]
+    assert recorder.rates == pytest.approx(one_cycle * 3)
+    assert pruner.prunings_done == 2

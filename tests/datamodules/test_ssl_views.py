@@ -144,9 +144,13 @@ def test_view_equals_torchvision_functional_ops_applied_per_image_in_the_drawn_o
         torch.testing.assert_close(augment.apply(images, params, size), expected, atol=2e-5, rtol=0)
 
 
-def test_parameters_follow_the_torchvision_path_settings():
-    crop, flip, jitter, grayscale = build_ssl_view_transforms((0.5,), (0.5,), (8, 8)).transforms[:4]
-    augment = SSLViewAugment(seed=6)
+@pytest.mark.parametrize("color_jitter", [None, (0.4, 0.4, 0.2, 0.1), (0.0, 0.8, 0.3, 0.5)])
+def test_parameters_follow_the_torchvision_path_settings(color_jitter):
+    """With ``color_jitter`` given to both paths, the fast path's factors span the torchvision ColorJitter's ranges
+    (checked to fail when ``SSLViewAugment`` ignores its ``color_jitter`` and keeps SimCLR's strengths)."""
+    jitter_option = {} if color_jitter is None else {"color_jitter": color_jitter}
+    crop, flip, jitter, grayscale = build_ssl_view_transforms((0.5,), (0.5,), (8, 8), **jitter_option).transforms[:4]
+    augment = SSLViewAugment(seed=6, **jitter_option)
     assert augment.ratio == crop.ratio and augment.global_scale == crop.scale
     params = augment.draw(20000, 8, 8, (0.08, 1.0))
     for key, p in (("flip", flip.p), ("jitter", jitter.p), ("grayscale", grayscale.p)):
@@ -154,8 +158,11 @@ def test_parameters_follow_the_torchvision_path_settings():
     # the jitter factors are uniform over the ranges of the torchvision path's ColorJitter
     color_jitter = jitter.transforms[0]
     for column, name in enumerate(("brightness", "contrast", "saturation", "hue")):
-        low, high = getattr(color_jitter, name)
+        low, high = (0.0, 0.0) if getattr(color_jitter, name) is None else getattr(color_jitter, name)
         factors = params["factors"][:, column]
+        if low == high:  # strength 0: torchvision leaves the op out, the fast path applies the identity factor
+            assert torch.all(factors == (0.0 if name == "hue" else 1.0)), name
+            continue
         assert low <= factors.min() < low + 1e-3 and high - 1e-3 < factors.max() <= high, name
         assert abs(factors.mean().item() - (low + high) / 2) < 4 * (high - low) / math.sqrt(12 * 20000), name
     # each of the 24 orders of the four jitter ops is equally likely
@@ -233,6 +240,29 @@ def test_multi_crop_batches_hold_global_then_local_views_of_the_same_images(fast
     assert any(not torch.equal(views[0], views[1]) for _, views, _ in model.seen)
 
 
+@pytest.mark.parametrize("fast_loader", [True, False])
+def test_datamodule_colour_jitter_reaches_both_paths(fast_loader):
+    """``ssl_color_jitter`` sets the strengths of the fast path's augment and of every torchvision view (global and
+    local); checked to fail when the datamodule keeps SimCLR's default on either path."""
+    data = ConstantImages(
+        fast_loader=fast_loader,
+        ssl_views=2,
+        ssl_local_views=1,
+        ssl_local_size=4,
+        ssl_global_scale=(0.2, 1.0),
+        ssl_color_jitter=(0.4, 0.4, 0.2, 0.1),
+    )
+    if fast_loader:
+        assert data.augment.color_jitter == (0.4, 0.4, 0.2, 0.1) and data.augment.global_scale == (0.2, 1.0)
+        return
+    views = data.default_train_transforms()
+    for transform in (views.transform, views.local_transform):
+        color_jitter = transform.transforms[2].transforms[0]
+        assert color_jitter.saturation == pytest.approx((0.8, 1.2)) and color_jitter.hue == pytest.approx((-0.1, 0.1))
+        assert color_jitter.brightness == pytest.approx((0.6, 1.4))
+    assert views.transform.transforms[0].scale == (0.2, 1.0)
+
+
 def test_fast_views_have_the_torchvision_path_distribution():
     image = torch.randint(0, 256, (1, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
     n = 2000
@@ -307,6 +337,12 @@ def test_bad_view_settings_are_refused():
         ConstantImages(ssl_views=2, ssl_global_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match=r"ssl_local_scale must be a pair .*got \(0.0, 0.1\)"):
         ConstantImages(ssl_views=2, ssl_local_views=1, ssl_local_size=4, ssl_local_scale=(0.0, 0.1))
+    with pytest.raises(ValueError, match=r"ssl_color_jitter needs .* got \(0.4, 0.4, 1.5, 0.1\)"):
+        ConstantImages(ssl_views=2, ssl_color_jitter=(0.4, 0.4, 1.5, 0.1))
+    with pytest.raises(ValueError, match=r"color_jitter must be \(brightness, contrast, saturation, hue\), got \(0.4,"):
+        SSLViewAugment(color_jitter=(0.4, 0.4, 0.4))
+    with pytest.raises(ValueError, match=r"color_jitter needs .* got \(0.4, 0.4, 0.4, 0.6\)"):
+        build_ssl_view_transforms((0.5,), (0.5,), (8, 8), color_jitter=(0.4, 0.4, 0.4, 0.6))
     with pytest.raises(ValueError, match="num_local_views=2 and local_transform=None"):
         MultiView(lambda x: x, 2, None, 2)
     with pytest.raises(ValueError, match="1- or 3-channel images, got 2 channels"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,36 @@ def test_under_confident_samples_weight_reverse_kl_and_over_confident_ones_forwa
     assert forward.tolist() == [0.25, 1.0] and reverse.tolist() == [1.0, 0.25]
 
 
+def test_soft_weights_are_a_sigmoid_of_the_entropy_gap():
+    """``weighting="soft"``: ``reverse = low + (high - low) sigmoid(dH / s)``, ``forward = low + (high - low)
+    sigmoid(-dH / s)`` from the temperature-scaled entropies, computed here by hand; they sum to ``high + low``, are
+    equal at ``dH = 0`` and tend to the hard rule for a small scale. Checked to fail with the hard weights in place of
+    the soft ones and with the sigmoid's sign flipped."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 5) * 3, torch.randn(16, 5) * 3
+    gap = _entropy(student) - _entropy(teacher)
+    assert (gap > 0).any() and (gap < 0).any()
+    loss = BDKDLoss(temperature=T, weight_high=1.0, weight_low=0.25, weighting="soft", weighting_scale=0.2)
+    forward, reverse = loss.sample_weights(student, teacher)
+    expected_reverse = [0.25 + 0.75 / (1 + math.exp(-g / 0.2)) for g in gap.tolist()]
+    expected_forward = [0.25 + 0.75 / (1 + math.exp(g / 0.2)) for g in gap.tolist()]
+    assert reverse.tolist() == pytest.approx(expected_reverse, rel=1e-5)
+    assert forward.tolist() == pytest.approx(expected_forward, rel=1e-5)
+    torch.testing.assert_close(forward + reverse, torch.full((16,), 1.25))
+    equal = BDKDLoss(temperature=T, weighting="soft").sample_weights(student, student)
+    torch.testing.assert_close(equal[0], equal[1])
+    sharp = BDKDLoss(temperature=T, weight_high=1.0, weight_low=0.25, weighting="soft", weighting_scale=1e-4)
+    hard = BDKDLoss(temperature=T, weight_high=1.0, weight_low=0.25)
+    for soft_weight, hard_weight in zip(sharp.sample_weights(student, teacher), hard.sample_weights(student, teacher)):
+        torch.testing.assert_close(soft_weight, hard_weight)
+    # the student term uses the soft weights, per sample
+    log_s, log_t = F.log_softmax(student / T, 1), F.log_softmax(teacher / T, 1)
+    kl_forward = (log_t.exp() * (log_t - log_s)).sum(1)
+    kl_reverse = (log_s.exp() * (log_s - log_t)).sum(1)
+    expected = T**2 * (torch.tensor(expected_forward) * kl_forward + torch.tensor(expected_reverse) * kl_reverse).mean()
+    torch.testing.assert_close(loss.student_term(student, teacher), expected)
+
+
 def test_with_zero_low_weight_the_gradient_is_pure_reverse_then_pure_forward_kl():
     student, teacher = _flat_and_peaked()
     student.requires_grad_(True)
@@ -80,7 +112,14 @@ def test_each_term_only_moves_its_own_network():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(temperature=0.0), "temperature.*0.0"), (dict(weight_low=-1.0), "weight_low=-1.0"), (dict(balance="x"), "'x'")],
+    [
+        (dict(temperature=0.0), "temperature.*0.0"),
+        (dict(weight_low=-1.0), "weight_low=-1.0"),
+        (dict(balance="x"), "'x'"),
+        (dict(weighting="smooth"), "weighting.*'smooth'"),
+        (dict(weighting="soft", balance="forward"), "weighting='soft'.*balance='forward'"),
+        (dict(weighting="soft", weighting_scale=0.0), "weighting_scale.*0.0"),
+    ],
 )
 def test_bad_arguments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -145,7 +145,9 @@ def test_simclr_with_hallucinator_loss_and_gradients_equal_a_direct_computation(
     assert all(g.abs().sum() > 0 for g in grads[: len(list(model.hallucinator.parameters()))])
 
 
-def test_moco_with_hallucinator_adds_the_positives_and_enqueues_the_duplicated_keys(monkeypatch):
+def test_moco_with_hallucinator_adds_the_positives_and_enqueues_each_key_once(monkeypatch):
+    """The queue receives ``[k1; k2]``, no duplicated rows; the former code (enqueueing the duplicated ``[k1; k1; k2;
+    k2]``) fails both queue assertions (checked by running this test against it)."""
     torch.manual_seed(0)
     model = MoCoV2(_net(), projection_hidden_dim=16, projection_dim=8, queue_size=24, hallucinator=True)
     monkeypatch.setattr(model.hallucinator, "sample_ratio", lambda: 0.05)
@@ -170,7 +172,10 @@ def test_moco_with_hallucinator_adds_the_positives_and_enqueues_the_duplicated_k
         + info_nce(torch.cat([p2, hallucinate(p2, k1)]), torch.cat([k1, k1]))
     ) / 2
     torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(model.queue, torch.cat([k1, k1, k2, k2]))
+    torch.testing.assert_close(model.queue[:12], torch.cat([k1, k2]))
+    torch.testing.assert_close(model.queue[12:], queue[12:])  # the older entries stay: 12 keys entered, not 24
+    assert int(model.queue_pointer) == 12
+    assert len(torch.unique(model.queue[:12], dim=0)) == 12  # no duplicated rows from the hallucinated views
     grads = torch.autograd.grad(loss, list(model.hallucinator.parameters()))
     assert all(g.abs().sum() > 0 for g in grads)
 

@@ -14,7 +14,7 @@ from lit_methods.losses.barlow_twins import BarlowTwinsLoss
 from lit_methods.losses.mixed_barlow_twins import MixedBarlowTwinsRegularizer
 from lit_methods.nets import ConvNet
 from lit_methods.ssl.barlow_twins import BarlowTwins
-from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins
+from lit_methods.ssl.mixed_barlow_twins import MixedBarlowTwins, mix_bt_projector
 from tests.ddp_helpers import init_gloo, run_distributed
 
 
@@ -119,6 +119,57 @@ def test_training_loss_is_barlow_twins_plus_the_weighted_regularizer_of_the_mixe
     torch.testing.assert_close(total, expected + probe_loss)
 
 
+def test_official_projector_is_two_layers_with_an_output_bias():
+    """``projector="mix_bt"`` is ``Linear(F, H, no bias) - BN(H) - ReLU - Linear(H, D, bias)`` and computes exactly
+    that; the default stays Barlow Twins' 3-layer bias-free projector. Fails if the option is ignored (3 linears, no
+    bias) or the output bias is dropped."""
+    model = MixedBarlowTwins(_net(), projection_hidden_dim=16, projection_dim=8, projector="mix_bt")
+    layers = list(model.projector)
+    assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+    first, norm, _, last = layers
+    assert (first.in_features, first.out_features, first.bias) == (model.num_features, 16, None)
+    assert norm.num_features == 16
+    assert (last.in_features, last.out_features) == (16, 8) and last.bias is not None
+    model.eval()
+    with torch.no_grad():
+        last.bias.uniform_(-1, 1)
+        features = torch.randn(5, model.num_features)
+        hidden = (features @ first.weight.T - norm.running_mean) / (norm.running_var + norm.eps).sqrt()
+        expected = (hidden * norm.weight + norm.bias).clamp_min(0) @ last.weight.T + last.bias
+        torch.testing.assert_close(model.projector(features), expected)
+    default = MixedBarlowTwins(_net(), projection_hidden_dim=16, projection_dim=8)
+    linears = [m for m in default.projector if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 and all(m.bias is None for m in linears)
+    assert [type(m) for m in mix_bt_projector(4, 6, 3)] == [type(m) for m in layers]
+
+
+def test_regularizer_with_the_official_projector_is_exact_at_an_interior_mixing_coefficient(monkeypatch):
+    """At ``alpha = 0.37`` (not an endpoint, where mixing is a plain permutation) the training loss is Barlow Twins
+    plus ``lambda_reg * lambda_BT`` times the regularizer computed directly from the embedding of the mixed views.
+    Fails if the mixed batch pairs view b unpermuted, if alpha and 1 - alpha are swapped, or if the regularizer
+    weight omits ``lambda_BT`` (each checked by editing ``ssl_loss``)."""
+    views, labels = _views_batch()
+    torch.manual_seed(0)
+    model = MixedBarlowTwins(
+        _net(), projection_hidden_dim=16, projection_dim=8, projector="mix_bt", l2_normalize_projections=True,
+        lambda_offdiag=1 / 128, mix_reg_weight=4.0,
+    )
+    model.eval()  # fixed BatchNorm statistics, so the forwards below see the same network
+    alpha, perm = 0.37, torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
+    monkeypatch.setattr(model, "sample_mixing", lambda batch_size, device: (alpha, perm))
+    with torch.no_grad():
+        total = model.ssl_loss(views, [model(v) for v in views])
+
+        def embed(x):
+            return F.normalize(model.projector(model.backbone.forward_features(x)), dim=1)
+
+        za, zb = embed(views[0]), embed(views[1])
+        zm = embed(alpha * views[0] + (1 - alpha) * views[1][perm])
+    regularizer = paper_regularizer(zm, za, zb, perm, alpha)
+    assert regularizer.item() > 1e-3  # the projector is not linear: the constraint is not met for free
+    torch.testing.assert_close(total, BarlowTwinsLoss(1 / 128)(za, zb) + 4.0 / 128 * regularizer)
+
+
 def test_mixing_coefficient_follows_the_beta_distribution():
     for beta in (1.0, 0.3):
         model = MixedBarlowTwins(_net(), projection_hidden_dim=16, projection_dim=8, mix_beta=beta)
@@ -131,7 +182,11 @@ def test_mixing_coefficient_follows_the_beta_distribution():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"mix_reg_weight": -1.0}, "mix_reg_weight.*-1.0"), ({"mix_beta": 0.0}, "mix_beta.*0.0")],
+    [
+        ({"mix_reg_weight": -1.0}, "mix_reg_weight.*-1.0"),
+        ({"mix_beta": 0.0}, "mix_beta.*0.0"),
+        ({"projector": "simclr"}, "projector.*'simclr'"),
+    ],
 )
 def test_bad_arguments_are_rejected_with_their_value(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -137,3 +137,39 @@ def test_queue_under_ddp_holds_every_ranks_keys_in_rank_order(tmp_path):
     torch.testing.assert_close(queue0[16:32], keys1)
     torch.testing.assert_close(queue0[32:], _recording_moco().queue[32:])  # the older entries are untouched
     assert pointer0 == pointer1 == 32  # advanced by the global number of keys (2 views x 8 images x 2 ranks)
+
+
+def _info_nce_by_hand(queries: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, temperature: float) -> float:
+    """Mean over rows of ``-log(exp(q.k / T) / (exp(q.k / T) + sum_j exp(q.queue_j / T)))``, one scalar at a time."""
+    total = 0.0
+    for q, k in zip(queries.tolist(), keys.tolist()):
+        positive = math.exp(sum(a * b for a, b in zip(q, k)) / temperature)
+        negatives = sum(math.exp(sum(a * b for a, b in zip(q, n)) / temperature) for n in queue.tolist())
+        total -= math.log(positive / (positive + negatives))
+    return total / len(queries)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_asymmetric_loss_is_one_direction_and_enqueues_only_its_keys(symmetric):
+    """MoCo v2's original loss is ``l(q1, k2)`` alone with only ``k2`` enqueued; the symmetric "v2+" loss averages
+    both directions and enqueues ``[k1; k2]``. Checked to fail when the option is ignored (the symmetric loss and
+    queue under ``symmetric=False``) and when the directions are swapped (``l(q2, k1)``)."""
+    model = _moco(symmetric=symmetric, temperature=0.2, queue_size=16)
+    queue = model.queue.clone()
+    g = torch.Generator().manual_seed(3)
+    views = [torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)]
+    features = [model(v) for v in views]
+    loss = model.ssl_loss(views, features)
+
+    with torch.no_grad():
+        q1, q2 = (F.normalize(model.projector(f), dim=1) for f in features)
+        k1, k2 = model.keys(views[0]), model.keys(views[1])
+    forward = _info_nce_by_hand(q1, k2, queue, 0.2)
+    if symmetric:
+        expected, enqueued = (forward + _info_nce_by_hand(q2, k1, queue, 0.2)) / 2, torch.cat([k1, k2])
+    else:
+        expected, enqueued = forward, k2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(model.queue[: len(enqueued)], enqueued)
+    torch.testing.assert_close(model.queue[len(enqueued) :], queue[len(enqueued) :])
+    assert int(model.queue_pointer) == len(enqueued)
