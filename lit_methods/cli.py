@@ -42,6 +42,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 __all__ = [
+    "COMMANDS",
     "DATA_FACTS",
     "DataFactMismatch",
     "LitMethodsCLI",
@@ -61,10 +62,6 @@ __all__ = [
 DATA_FACTS = ("num_classes", "in_channels", "image_size", "mean", "std", "inputs_normalized", "num_subgroups")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 REDACTED = "<redacted>"
-REGISTRY_COMMANDS = (
-    "The method registry: `lit-methods list` prints one line per method (`--markdown`: the README table); "
-    "`lit-methods show SLUG` prints a method's paper, classes, configs and status."
-)
 DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
 
 
@@ -195,7 +192,7 @@ class LitMethodsCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
-        kwargs["parser_kwargs"] = {"epilog": REGISTRY_COMMANDS, **kwargs.get("parser_kwargs", {})}
+        kwargs["parser_kwargs"] = {"prog": "lit-methods", **kwargs.get("parser_kwargs", {})}
         self.checkpoint_hyperparameters: dict[str, Any] = {}
         self.explicit_config: Namespace | None = None
         try:
@@ -490,10 +487,42 @@ def resolve_args(args: Sequence[str]) -> list[str]:
     return resolved
 
 
+COMMANDS = {
+    "fit": "train a model from a config (--test_after_fit true: then test it)",
+    "validate": "evaluate a model on the validation split (--ckpt_path: weights)",
+    "test": "evaluate a model on the test split (--ckpt_path: weights)",
+    "predict": "run a model on the predict split, return class probabilities",
+    "list": "the method registry, a line per method (--markdown: README table)",
+    "show": "a method's paper, classes, configs and status: show SLUG",
+}
+
+
+def overview() -> str:
+    """The top-level help of ``lit-methods``: every command with a whole-sentence description."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: lit-methods COMMAND [ARGS]",
+        "",
+        "Research methods evaluated on CIFAR: Lightning modules, datamodules, callbacks.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "`lit-methods COMMAND --help` shows a command's options; e.g.",
+        "  lit-methods fit --config experiments/quickstart.yaml",
+    ]
+    return "\n".join(lines)
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point: ``lit-methods {fit,validate,test,predict} ...``, ``list [--markdown]`` and ``show SLUG``."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("list", "show"):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return
+    if not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        sys.exit(f"lit-methods: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}")
+    if argv[0] in ("list", "show"):
         from lit_methods import registry
 
         if argv[0] == "list" and argv[1:] in ([], ["--markdown"]):

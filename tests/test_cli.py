@@ -146,11 +146,20 @@ def test_show_prints_a_method_and_an_unknown_slug_exits_with_close_matches(capsy
     assert exit_info.value.code != 0 and "did you mean simclr" in str(exit_info.value.code)
 
 
-def test_help_names_the_registry_commands(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert "lit-methods list" in out and "lit-methods show SLUG" in out
+@pytest.mark.parametrize("argv", [[], ["--help"], ["-h"]])
+def test_top_level_help_lists_every_command_in_whole_sentences_on_80_columns(argv, capsys):
+    """LightningCLI's own listing cut the test/predict descriptions mid-sentence and left out list/show."""
+    main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    for command in ("fit", "validate", "test", "predict", "list", "show"):
+        assert any(line.split()[:1] == [command] for line in lines), command
+    assert max(map(len, lines)) <= 80
+
+
+def test_an_unknown_command_names_every_command():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lsit"])
+    assert "unknown command 'lsit'; choose from fit, validate, test, predict, list, show" in str(exit_info.value.code)
 
 
 def test_module_entry_point_runs():
