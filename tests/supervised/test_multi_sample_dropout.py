@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,3 +110,41 @@ def test_bad_arguments_are_rejected(kwargs, match):
 def test_a_backbone_without_features_and_fc_is_rejected():
     with pytest.raises(ValueError, match="Sequential has no forward_features"):
         MultiSampleDropoutClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), num_classes=10)
+
+
+class _TwoFeatures(nn.Module):
+    """A backbone whose features are its (N, 2) input and whose classifier is the identity on 2 classes."""
+
+    num_classes = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(2))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_training_loss_against_hand_computed_values():
+    """Features (1, 2), identity classifier, p = 0.5, M = 2, target 0: each copy keeps each feature or not and scales
+    kept ones by 1 / (1 - p) = 2, so its logits are one of (0, 0), (2, 0), (0, 4), (2, 4), of cross-entropies
+    ln 2, ln(1 + e^-2), ln(1 + e^4), ln(1 + e^2), each mask with probability 1/4. The loss is the mean of two of
+    them, and over many draws its average is the mean of all four. (Checked: the loss of the mean logits, or no
+    1 / (1 - p) scaling, gives values outside that set.)"""
+    model = MultiSampleDropoutClassifier(_TwoFeatures(), num_samples=2, dropout=0.5).train()
+    per_mask = [math.log(2.0), math.log1p(math.exp(-2.0)), math.log1p(math.exp(4.0)), math.log1p(math.exp(2.0))]
+    allowed = torch.tensor([(a + b) / 2 for a in per_mask for b in per_mask], dtype=torch.float64)
+    batch = {"inputs": torch.tensor([[1.0, 2.0]]), "targets": torch.tensor([0])}
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(2000):
+        loss, _, _ = model.shared_step(batch, "train")
+        assert (allowed - loss.item()).abs().min() < 1e-5, loss.item()
+        losses.append(loss.item())
+    # the mean of 2000 draws of a variable of std ~1.3: within 0.1 of the expectation (about 5 standard errors)
+    assert sum(losses) / len(losses) == pytest.approx(sum(per_mask) / 4, abs=0.1)
