@@ -202,3 +202,18 @@ def test_adversarial_fine_tuning_raises_robust_accuracy_on_digits(tmp_path):
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # no BN statistics moved
     print(f"first test batch: PGD-10 {tested['test/robust_acc']:.3f}, AutoAttack {tested['test/autoattack_acc']:.3f}")
     assert tested["test/autoattack_acc"] <= tested["test/robust_acc"] + 1 / 64  # AutoAttack is the stronger attack
+
+
+@pytest.mark.parametrize(
+    ("decay", "step", "expected"),
+    [
+        ("exponential", 0, 0.2),  # 10 steps, half of them warm-up: (0 + 1) / 5
+        ("exponential", 4, 1.0),  # the peak, the last warm-up step
+        ("exponential", 5, 0.398107),  # 0.01 ** (1 / 5), by hand
+        ("exponential", 9, 0.01),  # the last step
+        ("linear", 7, 0.406),  # 1 - 0.99 * 3 / 5
+        ("cosine", 6, 0.657963),  # 0.01 + 0.99 * (1 + cos(0.4 pi)) / 2
+    ],
+)
+def test_slow_start_fast_decay_against_hand_computed_values(decay, step, expected):
+    assert SlowStartFastDecay(10, 0.5, decay, 0.01)(step) == pytest.approx(expected, abs=1e-6)
