@@ -29,21 +29,20 @@ def cpu_trainer(**overrides: Any) -> L.Trainer:
 def frozen_knn_accuracy(model: nn.Module, datamodule: InMemoryVisionDataModule, k: int = 20) -> float:
     """Weighted kNN (``k``, T=0.1) accuracy of ``model``'s eval-mode features (``forward_features`` of a backbone,
     else the forward of an SSL method): the datamodule's un-augmented training images as the bank, its test images
-    as the queries, normalized like the datamodule's batches. The model's train/eval mode is restored."""
+    as the queries, turned into inputs as the datamodule's batches are (:meth:`to_inputs`). The model's train/eval
+    mode is restored."""
     datamodule.setup("fit")
     datamodule.setup("test")
     featurize = getattr(model, "forward_features", model)
-    mean = torch.tensor(datamodule.mean).view(1, -1, 1, 1)
-    std = torch.tensor(datamodule.std).view(1, -1, 1, 1)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             knn = WeightedKNNClassifier(datamodule.num_classes, k=k, temperature=0.1)
             knn.update(
-                bank_features=featurize((datamodule.train_images.float() / 255 - mean) / std),
+                bank_features=featurize(datamodule.to_inputs(datamodule.train_images)),
                 bank_targets=datamodule.train_labels,
-                test_features=featurize((datamodule.test_images.float() / 255 - mean) / std),
+                test_features=featurize(datamodule.to_inputs(datamodule.test_images)),
                 test_targets=datamodule.test_labels,
             )
             return float(knn.compute())

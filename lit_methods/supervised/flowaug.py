@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lit_methods.base import MethodBase, drop_object_hyperparameters
 from lit_methods.datamodules.batch import as_batch
+from lit_methods.datamodules.normalization import Normalize
 
 __all__ = ["FlowAug", "FlowPretraining", "build_glow"]
 
@@ -118,7 +119,7 @@ class FlowPretraining(MethodBase):
         if not isinstance(image_size, int) and len(set(image_size)) != 1:
             raise ValueError(f"the flow needs square images, got image_size={tuple(image_size)}")
         self.flow = build_glow(in_channels, side, num_levels, blocks_per_level, hidden_channels)
-        self.to_unit_range = _Unnormalize(mean, std, in_channels)
+        self.data_normalization = _per_channel_normalize(mean, std, in_channels)
 
     def bits_per_dim(self, images: Tensor) -> Tensor:
         """Mean negative log-likelihood of dequantized 8-bit ``images`` (in ``[0, 1]``), in bits per dimension."""
@@ -128,12 +129,12 @@ class FlowPretraining(MethodBase):
         return (nll.mean() / dims + math.log(256.0)) / math.log(2.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.bits_per_dim(self.to_unit_range(as_batch(batch)["inputs"]))
+        loss = self.bits_per_dim(self.data_normalization.inverse(as_batch(batch)["inputs"]))
         self.log("train/bpd", loss, on_step=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        bits_per_dim = self.bits_per_dim(self.to_unit_range(as_batch(batch)["inputs"]))
+        bits_per_dim = self.bits_per_dim(self.data_normalization.inverse(as_batch(batch)["inputs"]))
         self.log("val/bpd", bits_per_dim, on_epoch=True, sync_dist=True)
 
     def make_default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -141,24 +142,17 @@ class FlowPretraining(MethodBase):
         return torch.optim.Adam(groups, lr=self.lr)
 
 
-class _Unnormalize(nn.Module):
-    """Maps normalized batches back to ``[0, 1]`` and back again."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], in_channels: int) -> None:
-        super().__init__()
-        mean_t, std_t = torch.as_tensor(list(mean), dtype=torch.float32), torch.as_tensor(list(std), dtype=torch.float32)
-        if mean_t.numel() not in (1, in_channels) or std_t.numel() not in (1, in_channels):
+def _per_channel_normalize(mean: Sequence[float], std: Sequence[float], in_channels: int) -> Normalize:
+    """A :class:`~lit_methods.datamodules.Normalize` of ``in_channels`` channels; one value serves every channel."""
+    values = {"mean": list(mean), "std": list(std)}
+    for name, given in values.items():
+        if len(given) not in (1, in_channels):
             raise ValueError(f"mean={list(mean)} and std={list(std)} need 1 or in_channels={in_channels} values")
-        if (std_t <= 0).any():
-            raise ValueError(f"std must be > 0, got {list(std)}")
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std_t.view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return images * self.std + self.mean
-
-    def inverse(self, images: Tensor) -> Tensor:
-        return (images - self.mean) / self.std
+        if len(given) == 1:
+            values[name] = given * in_channels
+    if any(value <= 0 for value in values["std"]):
+        raise ValueError(f"std must be > 0, got {list(std)}")
+    return Normalize(values["mean"], values["std"])
 
 
 class FlowAug(nn.Module):
@@ -212,7 +206,7 @@ class FlowAug(nn.Module):
         self.p = p
         self.num_non_finite = 0
         in_channels = int(priors[0].loc.shape[1]) // 2 ** (len(priors) + 1)
-        self.to_unit_range = _Unnormalize(mean, std, in_channels)
+        self.data_normalization = _per_channel_normalize(mean, std, in_channels)
 
     def train(self, mode: bool = True) -> FlowAug:
         super().train(mode)
@@ -242,11 +236,11 @@ class FlowAug(nn.Module):
         picked = torch.rand(images.shape[0], device=images.device) < self.p
         if not picked.any():
             return images
-        unit = self.to_unit_range(images[picked]).clamp(0.0, 1.0)
+        unit = self.data_normalization.inverse(images[picked]).clamp(0.0, 1.0)
         augmented = self.decode(self.resample(self.encode(unit)))
         finite = augmented.flatten(1).isfinite().all(dim=1)
         self.num_non_finite += int((~finite).sum())
         augmented = torch.where(finite[:, None, None, None], augmented.clamp(0.0, 1.0), unit)
         out = images.clone()
-        out[picked] = self.to_unit_range.inverse(augmented).to(images.dtype)
+        out[picked] = self.data_normalization(augmented).to(images.dtype)
         return out

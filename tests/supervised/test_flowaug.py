@@ -162,5 +162,5 @@ def test_cli_fills_the_normalization_of_the_data_into_flowaug(tmp_path):
     )
     aug = cli.model.flow_augmentation
     assert isinstance(aug, FlowAug)
-    assert aug.to_unit_range.mean.flatten().tolist() == pytest.approx(list(DigitsDataModule.mean))
-    assert aug.to_unit_range.std.flatten().tolist() == pytest.approx(list(DigitsDataModule.std))
+    assert aug.data_normalization.mean.flatten().tolist() == pytest.approx(list(DigitsDataModule.mean))
+    assert aug.data_normalization.std.flatten().tolist() == pytest.approx(list(DigitsDataModule.std))
