@@ -296,7 +296,7 @@ _ENTRIES = (
         url=_ARXIV + "2302.10798",
         family="pruning",
         kind="module",
-        import_path="lit_methods.pruning.Polarization",
+        import_path="lit_methods.compression.Polarization",
     ),
     MethodEntry(
         slug="diffusion",
@@ -331,7 +331,7 @@ _ENTRIES = (
         url=_ARXIV + "2111.00162",
         family="pruning / IP protection",
         kind="module",
-        import_path="lit_methods.pruning.LotteryOwnership",
+        import_path="lit_methods.compression.LotteryOwnership",
     ),
     MethodEntry(
         slug="dcc",
@@ -411,7 +411,7 @@ _ENTRIES = (
         url=_ARXIV + "2307.11988",
         family="pruning",
         kind="module",
-        import_path="lit_methods.pruning.SparseThenPrune",
+        import_path="lit_methods.compression.SparseThenPrune",
     ),
     MethodEntry(
         slug="hard-batches",
@@ -496,7 +496,7 @@ _ENTRIES = (
         url=_ARXIV + "2409.10643",
         family="model extraction",
         kind="module",
-        import_path="lit_methods.robustness.CaBaGe",
+        import_path="lit_methods.extraction.CaBaGe",
     ),
     MethodEntry(
         slug="nmc-baseline",
@@ -520,7 +520,7 @@ _ENTRIES = (
         url=_ARXIV + "2303.06862",
         family="pruning",
         kind="module",
-        import_path="lit_methods.pruning.OTOv2",
+        import_path="lit_methods.compression.OTOv2",
     ),
     MethodEntry(
         slug="datadam",
@@ -585,7 +585,7 @@ _ENTRIES = (
         url="https://openaccess.thecvf.com/content/ICCV2023/html/Xu_Efficient_Joint_Optimization_of_Layer-Adaptive_Weight_Pruning_in_Deep_Neural_ICCV_2023_paper.html",
         family="pruning",
         kind="module",
-        import_path="lit_methods.pruning.RDPrune",
+        import_path="lit_methods.compression.RDPrune",
     ),)
 
 METHODS: dict[str, MethodEntry] = {entry.slug: entry for entry in _ENTRIES}

@@ -1,0 +1,1 @@
+"""Pruning and model-IP methods (polarization, sparse-then-prune, OTOv2, RD pruning, lottery ownership) as LightningModules; their algorithms live in lit_methods.pruning."""

@@ -1,0 +1,1 @@
+"""Class-incremental continual learning: NMC baseline and NAPA-VQ, and the per-task training driver."""

@@ -1,0 +1,1 @@
+"""Data-free model extraction of black-box classifiers (CaBaGe)."""

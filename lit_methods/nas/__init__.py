@@ -1,0 +1,1 @@
+"""Architecture search and once-for-all training: TAS, EEEA-Net and DepS."""

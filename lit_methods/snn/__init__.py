@@ -1,0 +1,1 @@
+"""Spiking neural networks: surrogate-gradient neurons and IIR-SNN's reduction to one timestep."""
