@@ -366,7 +366,7 @@ _ENTRIES = (
         import_path="lit_methods.ssl.MLC",
         status="available",
         cpu_config="experiments/mlc/mlc_convnet_digits.yaml",
-        note="two stages: run tcr_convnet_digits.yaml first; eta/eps/lambda unconfirmed",
+        note="two stages (from TCR or MoCo v2): run tcr_convnet_digits.yaml first; eta/eps/lambda unconfirmed",
     ),
     MethodEntry(
         slug="selfie",
@@ -377,7 +377,7 @@ _ENTRIES = (
         import_path="lit_methods.ssl.Selfie",
         status="available",
         cpu_config="experiments/selfie/selfie_resnet20_fashion_mnist.yaml",
-        note="no official code; the patch network is a whole backbone",
+        note="no official code; pretrains a whole backbone, fine-tuning reads stem + 3 stages (paper)",
     ),
     MethodEntry(
         slug="cuda-unlearnable",
