@@ -31,8 +31,11 @@ CLIENT_TRAINER_KEYS = (
 
 
 def build_federation(config: str | Path, overrides: Sequence[str] = (), state_path: str | Path | None = None,
-                     seed: int | None = None) -> Federation:
-    """The :class:`Federation` of a lit-methods config (plus CLI-style ``overrides``, e.g. ``--data.rounds=5``)."""
+                     seed: int | None = None, keep_state: bool = True) -> Federation:
+    """The :class:`Federation` of a lit-methods config (plus CLI-style ``overrides``, e.g. ``--data.rounds=5``).
+
+    Its state is saved to and resumed from ``state_path`` (default: ``federation_state.pt`` in the logger's root
+    folder); ``keep_state=False`` neither reads nor writes one (a Flower node)."""
     cli = LitMethodsCLI(args=["--config", str(config), *overrides], run=False)
     module, datamodule = cli.model, cli.datamodule
     if not isinstance(module, FederatedMethod):
@@ -45,6 +48,8 @@ def build_federation(config: str | Path, overrides: Sequence[str] = (), state_pa
     if seed is None:
         seed = cli.config.get("seed_everything") or 0
     logger = cli.trainer.logger
+    if not keep_state:
+        return Federation(module, datamodule, trainer_kwargs, seed=int(seed), state_path=None, logger=None)
     if state_path is None:
         # the logger's root (not its versioned log_dir), so a restarted run finds the state of the stopped one
         root = Path(logger.root_dir) if logger is not None and getattr(logger, "root_dir", None) else Path("logs")
