@@ -205,6 +205,9 @@ _ENTRIES = (
         family="federated",
         kind="module",
         import_path="lit_methods.federated.FedLoGe",
+        status="available",
+        cpu_config="experiments/fedloge/fedloge_convnet_digits.yaml",
+        note="federation: python -m lit_methods.federated or flwr run (lit_methods.federated.flower)",
     ),
     MethodEntry(
         slug="dicesgd",
