@@ -22,9 +22,11 @@ from lit_methods.datamodules.fast import InMemoryBatchLoader, ShardedEpochSample
 
 __all__ = [
     "FederatedDataModule",
+    "OpenWorldFederatedDataModule",
     "dirichlet_partition",
     "iid_partition",
     "local_test_indices",
+    "open_world_partition",
     "sample_round_clients",
 ]
 
@@ -302,3 +304,87 @@ class FederatedDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The wrapped dataset's augmentation and normalization; the ``client`` field passes through."""
         return self.dataset.on_after_batch_transfer(batch, dataloader_idx)
+
+
+def open_world_partition(
+    labels: Tensor, num_clients: int, num_seen: int, unseen_clients: dict[int, list[int]], labelled_fraction: float,
+    seed: int,
+) -> tuple[list[Tensor], Tensor]:
+    """Open-world semi-supervised shards (FedoSSL, arXiv:2305.00771): the images of every seen class
+    (``0 .. num_seen - 1``) are dealt evenly to all clients and a ``labelled_fraction`` of each client's share is
+    labelled; the images of unseen class ``c`` are dealt evenly to the clients ``unseen_clients[c]`` and stay
+    unlabelled. Classes neither seen nor listed are left out. Returns the shards and the labelled mask over
+    ``labels``."""
+    _check_clients(len(labels), num_clients)
+    if not 0.0 < labelled_fraction <= 1.0:
+        raise ValueError(f"labelled_fraction must lie in (0, 1], got {labelled_fraction}")
+    bad = {c: ks for c, ks in unseen_clients.items() if c < num_seen or not ks or any(not 0 <= k < num_clients for k in ks)}
+    if bad:
+        raise ValueError(
+            f"unseen_clients maps each unseen class (>= num_seen={num_seen}) to clients in [0, {num_clients}), got {bad}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    owner = torch.full((len(labels),), -1, dtype=torch.long)
+    labelled = torch.zeros(len(labels), dtype=torch.bool)
+    holders = {c: list(range(num_clients)) for c in range(num_seen)} | {c: list(ks) for c, ks in unseen_clients.items()}
+    for c, clients in holders.items():
+        positions = torch.nonzero(labels == c).flatten()
+        if len(positions) < len(clients):
+            raise ValueError(f"class {c} has {len(positions)} images for its {len(clients)} clients")
+        positions = positions[torch.randperm(len(positions), generator=generator)]
+        for client, part in zip(clients, positions.tensor_split(len(clients))):
+            owner[part] = client
+            if c < num_seen:
+                labelled[part[: round(labelled_fraction * len(part))]] = True
+    shards = [torch.nonzero(owner == k).flatten() for k in range(num_clients)]
+    return shards, labelled
+
+
+class OpenWorldFederatedDataModule(FederatedDataModule):
+    """A federation for open-world semi-supervised learning (:func:`open_world_partition`): training batches carry
+    ``targets == -1`` for unlabelled images, so unseen labels never reach training; evaluation uses the test split
+    with its labels (of the classes the federation holds).
+
+    Args:
+        num_seen: the seen (partly labelled) classes are ``0 .. num_seen - 1`` (FedoSSL CIFAR-10: 6).
+        unseen_clients: unseen class -> the clients holding it (FedoSSL CIFAR-10: ``{6: [0, 1, 2, 3, 4], 7: [0, 1],
+            8: [2, 3], 9: [4]}``; a class at one client is globally unseen).
+        labelled_fraction: labelled share of each client's seen-class images (FedoSSL: 0.5).
+        **kwargs: the arguments of :class:`FederatedDataModule` (``partition`` and ``alpha`` do not apply).
+    """
+
+    def __init__(
+        self,
+        dataset: InMemoryVisionDataModule,
+        num_seen: int = 6,
+        unseen_clients: dict[int, list[int]] | None = None,
+        labelled_fraction: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, partition="iid", **kwargs)
+        if not 1 <= num_seen < dataset.num_classes:
+            raise ValueError(f"num_seen must lie in [1, num_classes={dataset.num_classes}), got {num_seen}")
+        if not 0.0 < labelled_fraction <= 1.0:
+            raise ValueError(f"labelled_fraction must lie in (0, 1], got {labelled_fraction}")
+        self.num_seen = num_seen
+        self.unseen_clients = {int(c): [int(k) for k in ks] for c, ks in (unseen_clients or {}).items()}
+        self.labelled_fraction = labelled_fraction
+        self.labelled: Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dataset.trainer = self.trainer
+        self.dataset.setup(stage)
+        if self.shards is None and self.dataset.train_labels is not None:
+            self.shards, self.labelled = open_world_partition(
+                self.dataset.train_labels, self.num_clients, self.num_seen, self.unseen_clients,
+                self.labelled_fraction, self.seed,
+            )
+
+    def train_dataloader(self) -> InMemoryBatchLoader:
+        if self.shards is None or self.labelled is None:
+            raise RuntimeError("OpenWorldFederatedDataModule.setup('fit') has not partitioned the training split yet")
+        clients = range(self.num_clients) if self.client is None else [self.client]
+        index = torch.cat([self.shards[k] for k in clients])
+        owner = torch.cat([torch.full((len(self.shards[k]),), k) for k in clients])
+        targets = torch.where(self.labelled[index], self._train_labels()[index], torch.full_like(index, -1))
+        return self._loader(self.dataset.train_images[index], targets, train=True, extras={"client": owner})

@@ -9,17 +9,22 @@ from lit_methods.federated.core import (
     fedavg,
     server_update,
 )
+from lit_methods.federated.fedossl import FedoSSL, calibrate_centroids, cluster_accuracy, sinkhorn
 from lit_methods.federated.fedloge import FedLoGe, gla_fr_realign, sparse_equiangular_classifier
 
 __all__ = [
     "ClientResult",
     "FedLoGe",
     "FederatedMethod",
+    "FedoSSL",
     "Federation",
     "FederationState",
+    "calibrate_centroids",
     "client_update",
+    "cluster_accuracy",
     "fedavg",
     "gla_fr_realign",
     "server_update",
+    "sinkhorn",
     "sparse_equiangular_classifier",
 ]
