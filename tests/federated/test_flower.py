@@ -22,7 +22,7 @@ CONFIG = REPO / "experiments" / "fedloge" / "fedloge_convnet_digits.yaml"
 TINY = ["--data.num_clients=2", "--data.rounds=1", "--model.sse_steps=5", "--trainer.logger=false"]
 
 
-@pytest.mark.flower
+@pytest.mark.slow  # Flower simulation (Ray); the lead may add a `flower` marker
 def test_one_flower_round_gives_the_in_process_global_weights(in_tmp_dir):
     """Same config and seeds: FedAvg of two FedLoGe clients through Flower's simulation engine (Ray workers, Message
     API, per-node context state) equals the in-process runner's round to float tolerance; a Flower round that skipped
