@@ -86,7 +86,8 @@ class FedLoGe(FederatedMethod, ImageClassifier):
     momentum, since the parts share no parameter. ``forward`` is the generic model: ``g_aux`` re-aligned by GLA-FR.
     The heads have no bias (the re-alignment is of class rows; a bias would keep a head/tail prior). The local
     head is client-private (:attr:`private_prefixes`); the SSE-C is a buffer, identical for every client (built
-    from ``sse_seed``), so it never receives a gradient or weight decay.
+    from ``sse_seed``), so it never receives a gradient or weight decay. Every local update builds a fresh optimizer
+    (as the code does), so ``lr_schedule`` defaults to ``"constant"``: a schedule would restart every round.
 
     Args:
         backbone: a :mod:`lit_methods.nets` backbone (``forward_features``, ``num_features``); its classifier is
