@@ -205,6 +205,9 @@ _ENTRIES = (
         family="federated",
         kind="module",
         import_path="lit_methods.federated.FedLoGe",
+        status="available",
+        cpu_config="experiments/fedloge/fedloge_convnet_digits.yaml",
+        note="federation: python -m lit_methods.federated or flwr run (lit_methods.federated.flower)",
     ),
     MethodEntry(
         slug="dicesgd",
@@ -279,6 +282,9 @@ _ENTRIES = (
         family="federated",
         kind="module",
         import_path="lit_methods.federated.FedoSSL",
+        status="partial",
+        cpu_config="experiments/fedossl/fedossl_convnet_digits.yaml",
+        note="calibration-helps-globally-unseen check not in tests (measured by hand); no SimCLR init",
     ),
     MethodEntry(
         slug="slimfit",
