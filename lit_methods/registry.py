@@ -505,6 +505,9 @@ _ENTRIES = (
         family="continual",
         kind="module",
         import_path="lit_methods.continual.NMCBaseline",
+        status="available",
+        cpu_config="experiments/nmc-baseline/nmc-baseline_convnet_digits.yaml",
+        note="no Lightning DDP (nothing to train); the head all-reduces under any process group",
     ),
     MethodEntry(
         slug="napa-vq",

@@ -59,7 +59,8 @@ class ContinualMethod(MethodBase):
         self.num_classes = num_classes
         self.register_buffer("task", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("seen_classes", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("accuracy_matrix", torch.full((num_classes, num_classes), math.nan, dtype=torch.float64))
+        # -1 marks entries not measured (not NaN, so that state dicts compare equal with torch.equal)
+        self.register_buffer("accuracy_matrix", torch.full((num_classes, num_classes), -1.0, dtype=torch.float64))
         self.register_buffer("task_test_sizes", torch.zeros(num_classes, dtype=torch.float64))
         self._eval_correct: Tensor | None = None
         self._eval_total: Tensor | None = None
@@ -146,7 +147,7 @@ class ContinualMethod(MethodBase):
             present = (total > 0) & (torch.arange(len(total), device=total.device) <= t)
             self.accuracy_matrix[t, present] = accuracy[present]
             self.task_test_sizes[present] = total[present]
-            matrix = self.accuracy_matrix[: t + 1, : t + 1]
+            matrix = self.measured_matrix()
             if not torch.isnan(torch.tril(matrix)).any() and bool((self.task_test_sizes[: t + 1] > 0).all()):
                 sizes = self.task_test_sizes[: t + 1]
                 self.log("val/avg_incremental_acc", average_incremental_accuracy(matrix, sizes))
@@ -164,9 +165,10 @@ class ContinualMethod(MethodBase):
 
     # -- results ----------------------------------------------------------------------------------------------
     def measured_matrix(self) -> Tensor:
-        """The filled part of the accuracy matrix: tasks ``0..task`` (rows and columns)."""
+        """The accuracy matrix of tasks ``0..task`` (rows and columns), NaN where not measured."""
         t = int(self.task) + 1
-        return self.accuracy_matrix[:t, :t].cpu()
+        matrix = self.accuracy_matrix[:t, :t].cpu()
+        return matrix.masked_fill(matrix < 0, math.nan)
 
     def stream_metrics(self) -> dict[str, float]:
         """Average incremental accuracy, final accuracy on all seen classes and forgetting of the matrix so far."""

@@ -94,10 +94,10 @@ class NMCBaseline(ContinualMethod):
     ``n`` steps then count batches. One epoch per task is enough (more epochs count the task's samples again, which
     leaves the means unchanged only without augmentation: the configs turn it off, as the official code).
 
-    Under Lightning's DDP strategy torch refuses to wrap a module with no trainable parameter; the sums are
-    all-reduced whenever a ``torch.distributed`` group is initialised, so several processes run with one process
-    group per process (e.g. ``strategy: ddp`` with ``SingleDeviceStrategy``-style launchers) or through
-    :meth:`NCMHead.update` directly.
+    Several processes: :meth:`NCMHead.update` all-reduces every batch's sums whenever a ``torch.distributed`` group
+    is initialised (tested with two gloo processes), so all ranks hold the global means. Lightning's ``ddp`` strategy
+    itself cannot run this module: it wraps it in torch's ``DistributedDataParallel``, which refuses a module with no
+    trainable parameter; extract features on several processes with your own process group and call the head.
 
     Args:
         backbone: any feature extractor: a net of :mod:`lit_methods.nets`, ``TimmModel`` (the paper: ViT-B/16
