@@ -8,10 +8,12 @@ from lit_methods.continual.metrics import (
     save_accuracy_matrix_heatmap,
     seen_class_accuracy,
 )
+from lit_methods.continual.napa_vq import NAPAVQ
 from lit_methods.continual.nmc import NCMHead, NMCBaseline
 
 __all__ = [
     "ContinualMethod",
+    "NAPAVQ",
     "NCMHead",
     "NMCBaseline",
     "accuracy_matrix_table",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_methods.base import MethodBase
 from lit_methods.continual.metrics import (
@@ -39,7 +39,15 @@ from lit_methods.continual.metrics import (
 )
 from lit_methods.datamodules.batch import as_batch
 
-__all__ = ["ContinualMethod"]
+__all__ = ["ContinualMethod", "backbone_features"]
+
+
+def backbone_features(backbone: nn.Module, inputs: Tensor) -> Tensor:
+    """Pooled pre-logit features: ``backbone.forward_features`` (the nets of :mod:`lit_methods.nets` and
+    ``TimmModel``) when it has one, else ``backbone(inputs)`` flattened (a feature extractor)."""
+    extract = getattr(backbone, "forward_features", None)
+    features = extract(inputs) if extract is not None else backbone(inputs)
+    return features.flatten(1)
 
 
 class ContinualMethod(MethodBase):
@@ -103,6 +111,8 @@ class ContinualMethod(MethodBase):
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     def _eval_batch(self, batch: Any) -> None:
+        if self.trainer.sanity_checking and int(self.seen_classes) == 0:
+            return  # nothing learnt before the first task
         batch = as_batch(batch)
         if "task" not in batch:
             raise ValueError("class-incremental evaluation batches carry a 'task' field (ClassIncrementalDataModule)")

@@ -20,18 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_methods.base import drop_object_hyperparameters, load_pretrained_weights
-from lit_methods.continual.base import ContinualMethod
+from lit_methods.continual.base import ContinualMethod, backbone_features
 from lit_methods.datamodules.batch import as_batch
 
-__all__ = ["NCMHead", "NMCBaseline", "backbone_features"]
-
-
-def backbone_features(backbone: nn.Module, inputs: Tensor) -> Tensor:
-    """Pooled pre-logit features: ``backbone.forward_features`` (the nets of :mod:`lit_methods.nets` and
-    ``TimmModel``) when it has one, else ``backbone(inputs)`` flattened (a feature extractor)."""
-    extract = getattr(backbone, "forward_features", None)
-    features = extract(inputs) if extract is not None else backbone(inputs)
-    return features.flatten(1)
+__all__ = ["NCMHead", "NMCBaseline"]
 
 
 class NCMHead(nn.Module):
