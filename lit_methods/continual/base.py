@@ -191,9 +191,11 @@ class ContinualMethod(MethodBase):
         }
 
     def on_fit_end(self) -> None:
-        """Write the accuracy matrix (Markdown table and heat-map) into the run's log folder."""
+        """Write the accuracy matrix (Markdown table and heat-map) into the run's log folder (runs with a logger)."""
         matrix = self.measured_matrix()
-        if matrix.numel() == 0 or torch.isnan(torch.tril(matrix)).any() or not self.trainer.is_global_zero:
+        if not self.trainer.loggers or not self.trainer.is_global_zero:
+            return  # the pictures go next to the logs
+        if matrix.numel() == 0 or torch.isnan(torch.tril(matrix)).any():
             return
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)

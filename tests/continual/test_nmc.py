@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from lightning.pytorch.loggers import CSVLogger
 
 from lit_methods.continual import NCMHead, NMCBaseline
 from lit_methods.datamodules import ClassIncrementalDataModule, DigitsDataModule
@@ -20,21 +23,25 @@ def make_backbone() -> ConvNet:
     return ConvNet(num_classes=10, in_channels=1, depth=2, width=16, image_size=8)
 
 
-def run_stream(**stream_kwargs) -> tuple[NMCBaseline, ClassIncrementalDataModule, dict]:
-    """NMC over a digits stream (no augmentation) through Lightning; returns the model, the stream and the backbone
-    weights it started from."""
+def run_stream(log_dir=None, **stream_kwargs) -> tuple[NMCBaseline, ClassIncrementalDataModule, dict]:
+    """NMC over a digits stream (no augmentation) through Lightning (a CSV logger in ``log_dir`` if given); returns
+    the model, the stream and the backbone weights it started from."""
+    torch.set_num_threads(1)  # tiny net on a shared CPU (the conftest restores the count)
     digits = DigitsDataModule(batch_size=64, crop_padding=0, num_workers=0)
     stream = ClassIncrementalDataModule(digits, epochs_per_task=1, **stream_kwargs)
     model = NMCBaseline(make_backbone(), num_classes=10, mean=digits.mean, std=digits.std)
     before = copy.deepcopy(model.backbone.state_dict())
-    trainer = cpu_trainer(max_epochs=stream.num_tasks, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0)
+    logger = CSVLogger(log_dir, name="nmc") if log_dir is not None else False
+    trainer = cpu_trainer(
+        max_epochs=stream.num_tasks, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=logger
+    )
     trainer.fit(model, datamodule=stream)
     return model, stream, before
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return run_stream(classes_per_task=2)
+def trained(tmp_path_factory):
+    return run_stream(tmp_path_factory.mktemp("logs"), classes_per_task=2)
 
 
 def normalized_features(model: NMCBaseline, stream: ClassIncrementalDataModule, train: bool):
@@ -58,6 +65,25 @@ def test_predictions_equal_sklearn_nearest_centroid(trained):
     assert (predicted == test_targets).double().mean() > 0.7
     metrics = model.stream_metrics()
     assert metrics["avg_incremental_acc"] > metrics["final_acc"] > 0.7
+
+
+def test_the_accuracy_matrix_is_logged_as_a_table_and_a_heatmap(trained):
+    """The driver fills one row per task (the lower triangle), logs the stream metrics every task and writes the
+    matrix next to the logs; the last row's seen-class accuracy is the final accuracy."""
+    import csv
+
+    model, stream, _ = trained
+    matrix = model.measured_matrix()
+    above = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert matrix.shape == (5, 5) and not matrix[~above].isnan().any() and matrix[above].isnan().all()
+    folder = Path(model.trainer.log_dir)
+    table = (folder / "accuracy_matrix.md").read_text()
+    assert f"{100 * matrix[4, 3].item():.2f}" in table and "avg_incremental_acc" in table
+    assert (folder / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [r for r in csv.DictReader((folder / "metrics.csv").open()) if r.get("val/avg_incremental_acc")]
+    assert len(rows) == 5
+    assert float(rows[-1]["val/avg_incremental_acc"]) == pytest.approx(model.stream_metrics()["avg_incremental_acc"])
+    assert float(rows[-1]["val/acc"]) == pytest.approx(model.stream_metrics()["final_acc"], abs=1e-6)
 
 
 def test_streaming_means_equal_batch_means_and_backbone_is_untouched(trained):
