@@ -7,9 +7,11 @@ A whole task sequence is one ``lit-methods fit`` run over a
 new task and :meth:`ContinualMethod.end_task` after its last epoch (where exemplar-free methods take what they keep of
 the task's data, e.g. prototypes). Each task is trained as its own run would be: methods reset their optimizers and
 schedules in ``begin_task``. Why one fit rather than a Python loop of fits: the stream is then an ordinary config of
-the project's CLI (wandb, DDP, checkpoints, ``--ckpt_path``), and a checkpoint taken anywhere, mid-task too, holds the
-task index (:attr:`ContinualMethod.task`), the method's state (class means, code vectors, the frozen old model), the
-optimizer, the global RNG states and the accuracy matrix, so an interrupted sequence resumes exactly.
+the project's CLI (wandb, DDP, checkpoints, ``--ckpt_path``), and a checkpoint written at the end of any epoch
+(inside a task or at its end) holds the task index (:attr:`ContinualMethod.task`), the method's state (class means,
+code vectors, the frozen old model), the optimizer, the global RNG states and the accuracy matrix, so an interrupted
+sequence resumes exactly (the task of an epoch is a function of the epoch; ``begin_task`` runs again only when the
+restored task differs from the epoch's).
 
 Evaluation: validation (and test) batches hold every class with its ``task`` field; the accuracy of every task
 fills row ``task`` of :attr:`ContinualMethod.accuracy_matrix` at each validation while training (the last one of a
