@@ -149,3 +149,13 @@ def test_stream_and_metrics_agree_with_avalanche():
     assert seen_class_accuracy(matrix, sizes).tolist() == pytest.approx(stream_accuracy)
     assert average_forgetting(matrix, "first") == pytest.approx(results["StreamForgetting/eval_phase/test_stream"])
     assert average_forgetting(matrix, "first") > 0.1  # a stream that forgets: the comparison is not of zeros
+
+
+def test_a_trainer_that_keeps_its_loaders_is_refused():
+    """The loader of the current task is rebuilt every epoch; a trainer that would keep task 0's loader is an error."""
+    from tests.helpers import cpu_trainer
+
+    stream = ClassIncrementalDataModule(DigitsDataModule(num_workers=0), classes_per_task=5)
+    stream.trainer = cpu_trainer()
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        stream.setup("fit")
