@@ -38,3 +38,6 @@ __all__ = [
     "TinyImageNetDataModule",
     "VisionDataModule",
 ]
+from lit_methods.datamodules.continual import ClassIncrementalDataModule  # noqa: E402
+
+__all__ += ["ClassIncrementalDataModule"]

@@ -511,6 +511,9 @@ _ENTRIES = (
         family="continual",
         kind="module",
         import_path="lit_methods.continual.NMCBaseline",
+        status="available",
+        cpu_config="experiments/nmc-baseline/nmc-baseline_convnet_digits.yaml",
+        note="no Lightning DDP (nothing to train); the head all-reduces under any process group",
     ),
     MethodEntry(
         slug="napa-vq",
@@ -519,6 +522,9 @@ _ENTRIES = (
         family="continual",
         kind="module",
         import_path="lit_methods.continual.NAPAVQ",
+        status="available",
+        cpu_config="experiments/napa-vq/napa-vq_convnet_digits.yaml",
+        note="digits check uses CPU-sized loss weights (pa 1, kd 0.3); backbone without CBAM",
     ),
     MethodEntry(
         slug="otov2",
