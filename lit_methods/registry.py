@@ -460,6 +460,9 @@ _ENTRIES = (
         family="spiking nets",
         kind="module",
         import_path="lit_methods.snn.IIRSNN",
+        status="available",
+        cpu_config="experiments/iir-snn/iir-snn_spikingvgg_digits.yaml",
+        note="trains from scratch: the ANN-to-SNN conversion before the T=5 stage is not included",
     ),
     MethodEntry(
         slug="adv-finetune",
