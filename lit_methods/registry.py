@@ -348,6 +348,9 @@ _ENTRIES = (
         family="pruning / NAS",
         kind="module",
         import_path="lit_methods.nas.TAS",
+        status="available",
+        cpu_config="experiments/tas/tas_resnet8_digits.yaml",
+        note="one residual-width decision per stage; train/valid halves are halves of each batch",
     ),
     MethodEntry(
         slug="eeea-net",
