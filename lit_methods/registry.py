@@ -565,6 +565,9 @@ _ENTRIES = (
         family="once-for-all",
         kind="module",
         import_path="lit_methods.nas.DEpS",
+        status="available",
+        cpu_config="experiments/deps/deps_elasticconvnet_digits.yaml",
+        note="official code not found: schedule knobs from the paper's text; shrink start by step fraction",
     ),
     MethodEntry(
         slug="hallucinator",
