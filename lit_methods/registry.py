@@ -359,6 +359,9 @@ _ENTRIES = (
         family="NAS",
         kind="module",
         import_path="lit_methods.nas.EEEANet",
+        status="available",
+        cpu_config="experiments/eeea-net/eeea-net_cellnet_digits.yaml",
+        note="search: python -m lit_methods.nas.eeea_search; DARTS ops only, no auxiliary head or cutout",
     ),
     MethodEntry(
         slug="mlc",
