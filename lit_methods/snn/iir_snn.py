@@ -86,6 +86,11 @@ class IIRSNN(ImageClassifier):
     def on_validation_epoch_start(self) -> None:
         self.backbone.timesteps = self.timesteps_at_epoch(self.current_epoch)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A loaded module evaluates at the timesteps of the stage its checkpoint was taken in."""
+        super().on_load_checkpoint(checkpoint)
+        self.backbone.timesteps = self.timesteps_at_epoch(int(checkpoint.get("epoch", 0)))
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.backbone.clamp_leaks()
 

@@ -133,3 +133,11 @@ def test_leaks_stay_at_most_one_and_firing_rates_are_logged(iir_run):
     logged = final.trainer.logged_metrics
     assert {"train/firing_rate/0", "train/firing_rate/1", "train/firing_rate/2"} <= logged.keys()
     assert float(logged["train/timesteps"]) == 1.0
+
+
+@pytest.mark.slow
+def test_a_loaded_checkpoint_evaluates_at_its_stage_timesteps(iir_run, tmp_path):
+    final = iir_run[0]
+    final.trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = IIRSNN.load_from_checkpoint(tmp_path / "last.ckpt", backbone=tiny_net())
+    assert loaded.backbone.timesteps == 1
