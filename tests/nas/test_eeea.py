@@ -126,7 +126,7 @@ def test_an_interrupted_search_resumes_to_the_same_result(tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def digits_search(tmp_path_factory):
-    """P = 6, G = 2 on digits through the runner's command line: 3-cell 4-channel candidates, one fit of 5 steps
+    """P = 6, G = 2 on digits through the runner's command line: 3-cell 4-channel candidates, one fit of 3 steps
     each (a smoke run: accuracies are near chance)."""
     torch.set_num_threads(1)
     out_dir = tmp_path_factory.mktemp("eeea")
@@ -134,7 +134,7 @@ def digits_search(tmp_path_factory):
         "--config", "experiments/eeea-net/search/eeea-net-search_digits.yaml",
         f"--search.out_dir={out_dir}", "--search.population=6", "--search.generations=2",
         "--search.max_params=0.1", "--search.eval_layers=4", "--search.search_channels=4", "--search.verbose=false",
-        "--search.trainer={max_epochs: 1, limit_train_batches: 5, limit_val_batches: 2}",
+        "--search.trainer={max_epochs: 1, limit_train_batches: 3, limit_val_batches: 1}",
     ])
     return state, out_dir
 
