@@ -29,7 +29,7 @@ class RecordDraws(L.Callback):
             self.draws.append([c.name for c in pl_module.scheduler().configs(trainer.global_step)])
 
 
-def _train(method: str) -> tuple[list, dict]:
+def _train(method: str, root_dir: str) -> tuple[list, dict]:
     torch.set_num_threads(1)
     # ranks start from different global random states: the draws must not depend on them
     L.seed_everything(0)
@@ -41,22 +41,22 @@ def _train(method: str) -> tuple[list, dict]:
     torch.manual_seed(100 + int(os.environ.get("RANK", 0)))
     recorder = RecordDraws()
     trainer = cpu_trainer(devices=2, strategy="ddp_find_unused_parameters_true", max_steps=4, max_epochs=-1,
-                          limit_val_batches=0, callbacks=[recorder])
+                          limit_val_batches=0, callbacks=[recorder], default_root_dir=root_dir)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     # numpy copies: tensors sent back from a finished process would point to its released shared memory
     # parameters only: BN running statistics are per rank (each sees its own shard)
     return recorder.draws, {k: v.detach().numpy().copy() for k, v in module.named_parameters()}
 
 
-def _train_both() -> dict[str, tuple[list, dict]]:
+def _train_both(root_dir: str) -> dict[str, tuple[list, dict]]:
     """Both methods in one spawn (starting the processes costs more than the tiny fits)."""
-    return {method: _train(method) for method in ("tas", "deps")}
+    return {method: _train(method, root_dir) for method in ("tas", "deps")}
 
 
 @pytest.mark.ddp
-def test_ranks_train_the_same_draws_and_stay_in_sync():
+def test_ranks_train_the_same_draws_and_stay_in_sync(tmp_path):
     """4 steps of each method on 2 ranks whose global random states differ."""
-    rank0, rank1 = run_distributed(_train_both)
+    rank0, rank1 = run_distributed(_train_both, str(tmp_path))
     for method in ("tas", "deps"):
         (draws0, weights0), (draws1, weights1) = rank0[method], rank1[method]
         assert draws0 == draws1 and len(draws0) == 4, method
