@@ -354,6 +354,9 @@ _ENTRIES = (
         family="pruning / NAS",
         kind="module",
         import_path="lit_methods.nas.TAS",
+        status="available",
+        cpu_config="experiments/tas/tas_resnet8_digits.yaml",
+        note="one residual-width decision per stage; train/valid halves are halves of each batch",
     ),
     MethodEntry(
         slug="eeea-net",
@@ -362,6 +365,9 @@ _ENTRIES = (
         family="NAS",
         kind="module",
         import_path="lit_methods.nas.EEEANet",
+        status="available",
+        cpu_config="experiments/eeea-net/eeea-net_cellnet_digits.yaml",
+        note="search: python -m lit_methods.nas.eeea_search; DARTS ops only, no auxiliary head or cutout",
     ),
     MethodEntry(
         slug="mlc",
@@ -466,6 +472,9 @@ _ENTRIES = (
         family="spiking nets",
         kind="module",
         import_path="lit_methods.snn.IIRSNN",
+        status="available",
+        cpu_config="experiments/iir-snn/iir-snn_spikingvgg_digits.yaml",
+        note="trains from scratch: the ANN-to-SNN conversion before the T=5 stage is not included",
     ),
     MethodEntry(
         slug="adv-finetune",
@@ -571,6 +580,9 @@ _ENTRIES = (
         family="once-for-all",
         kind="module",
         import_path="lit_methods.nas.DEpS",
+        status="available",
+        cpu_config="experiments/deps/deps_elasticconvnet_digits.yaml",
+        note="official code not found: schedule knobs from the paper's text; shrink start by step fraction",
     ),
     MethodEntry(
         slug="hallucinator",
