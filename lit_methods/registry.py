@@ -271,6 +271,9 @@ _ENTRIES = (
         family="architecture",
         kind="backbone",
         import_path="lit_methods.nets.SpectFormer",
+        status="available",
+        cpu_config="experiments/spectformer/spectformer_tiny_digits.yaml",
+        note="vanilla SpectFormer only (no hierarchical SpectFormer-H)",
     ),
     MethodEntry(
         slug="fedossl",
@@ -441,6 +444,8 @@ _ENTRIES = (
         family="architecture",
         kind="backbone",
         import_path="lit_methods.nets.KDGQAViT",
+        status="available",
+        cpu_config="experiments/kdgqa/kdgqa_vit_digits.yaml",
     ),
     MethodEntry(
         slug="mixed-barlow-twins",
