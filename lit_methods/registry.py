@@ -316,6 +316,9 @@ _ENTRIES = (
         family="robustness",
         kind="module",
         import_path="lit_methods.robustness.CrossMax",
+        status="available",
+        cpu_config="experiments/crossmax/crossmax_convnet_digits.yaml",
+        note="trains from scratch (no ImageNet ResNet-152); input stack keeps the image size",
     ),
     MethodEntry(
         slug="ssl-ey",

@@ -39,6 +39,8 @@ __all__ = [
     "GroupedQueryAttention",
     "KDGQAViT",
     "convert_to_grouped_query",
+    "kdgqa_vit_small_patch4",
+    "kdgqa_vit_tiny_patch4",
     "key_driven_allocation",
 ]
 
@@ -254,14 +256,14 @@ class KDGQAViT(ViT):
 
 
 # The paper up-trains ViT-S/B/L (6/12/16 heads) with half as many key/value heads; these are their CIFAR-sized
-# counterparts with 4x4 patches (DeiT-Ti/S widths, https://arxiv.org/abs/2012.12877).
+# counterparts with 4x4 patches (DeiT-Ti/S widths, https://arxiv.org/abs/2012.12877). Only the tiny one is in the nets
+# registry (its contract tests build every registered net on a CPU).
 @register_net("kdgqa_vit_tiny_patch4")
 def kdgqa_vit_tiny_patch4(**kwargs: Any) -> KDGQAViT:
     """KDGQA ViT-Ti/4: 12 blocks, width 192, 6 query heads (of width 32) over 3 key/value heads."""
     return KDGQAViT(**({"patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 6, "num_kv_heads": 3} | kwargs))
 
 
-@register_net("kdgqa_vit_small_patch4")
 def kdgqa_vit_small_patch4(**kwargs: Any) -> KDGQAViT:
     """KDGQA ViT-S/4: 12 blocks, width 384, 6 query heads over 3 key/value heads."""
     return KDGQAViT(**({"patch_size": 4, "embed_dim": 384, "depth": 12, "num_heads": 6, "num_kv_heads": 3} | kwargs))
