@@ -400,6 +400,9 @@ _ENTRIES = (
         family="robustness",
         kind="module",
         import_path="lit_methods.robustness.PubDef",
+        status="available",
+        cpu_config="experiments/pubdef/pubdef_convnet_digits.yaml",
+        note="mix mode only (no worst-k or EMA source weighting); transfer examples of un-augmented images",
     ),
     MethodEntry(
         slug="multi-sample-dropout",
