@@ -311,8 +311,11 @@ class CrossMax(ImageClassifier):
 
     def on_test_epoch_end(self) -> None:
         rows = []
+        reduce = self.trainer.strategy.reduce  # sums over DDP ranks (identity on one device)
+        count = float(reduce(torch.tensor(float(self._robust_count), device=self.device), reduce_op="sum"))
         for name in self.eval_attacks:
-            accuracy = self._robust_correct[name] / max(1, self._robust_count)
+            correct = float(reduce(torch.tensor(float(self._robust_correct[name]), device=self.device), reduce_op="sum"))
+            accuracy = correct / max(1, count)
             self.log(f"test/robust_acc/{name}", accuracy)
             rows.append({"attack": name, "eps": self.eps, "steps": self.attack_steps, "robust_acc": accuracy})
         if rows and self.trainer.is_global_zero:

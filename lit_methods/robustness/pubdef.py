@@ -83,7 +83,8 @@ class PubDef(ImageClassifier):
     Works on [0, 1] pixels (``normalize: false`` data; the model and the sources normalize with the data's ``mean``
     and ``std``). At ``setup`` the transfer examples of the training set are loaded from ``cache_path`` or, if that
     file does not exist, generated and saved there with their settings (a file with other settings is an error, so a
-    resumed run uses exactly the examples of the first). The datamodule (an in-memory one) is asked for each training
+    resumed run uses exactly the examples of the first); generation runs at ``on_fit_start`` on the model's device. The
+    datamodule (an in-memory one) is asked for each training
     item's index, which selects its transfer examples. Testing attacks the model from each of ``attacker_models``
     (held-out sources) with each of ``eval_attacks`` and logs ``test/transfer_acc/<attacker>/<attack>`` and their
     minimum ``test/worst_transfer_acc``; the table ``transfer_accuracy.md`` / ``.csv`` is written next to the logs.
@@ -155,6 +156,7 @@ class PubDef(ImageClassifier):
         self.cache_path, self.cache_seed = Path(cache_path), cache_seed
         self.eval_attacks, self.eval_steps = list(eval_attacks), eval_steps
         self.transfer_examples: Tensor | None = None
+        self._cache_settings: dict[str, Any] = {}
         self._transfer_correct: dict[tuple[int, str], int] = {}
         self._transfer_count = 0
 
@@ -192,27 +194,38 @@ class PubDef(ImageClassifier):
             raise ValueError(f"PubDef needs an in-memory datamodule (its item indices), got {type(datamodule).__name__}")
         datamodule.setup("fit")
         images, labels = datamodule.train_images, datamodule.train_labels
-        settings = self.cache_settings(len(labels), tuple(images.shape[1:]))
-        if self.cache_path.exists():
+        self._cache_settings = self.cache_settings(len(labels), tuple(images.shape[1:]))
+        strategy = self.trainer.strategy
+        strategy.barrier()  # every rank looks for the cache before any rank writes it
+        exists = self.cache_path.exists()
+        strategy.barrier()
+        if exists:
             cached = torch.load(self.cache_path, map_location="cpu", weights_only=True)
-            if cached["settings"] != settings:
+            if cached["settings"] != self._cache_settings:
                 raise ValueError(
                     f"the transfer-example cache {str(self.cache_path)!r} was made with {cached['settings']}, not "
-                    f"{settings}: delete it or choose another cache_path"
+                    f"{self._cache_settings}: delete it or choose another cache_path"
                 )
             self.transfer_examples = cached["examples"]
-        else:
-            self.transfer_examples = generate_transfer_examples(
-                list(self.sources), images.float().div(255), labels, self.attack, self.eps, self.alpha, self.steps,
-                self.copies, self.cache_seed, self.num_classes,
-            )  # fmt: skip
-            if self.trainer.is_global_zero:
-                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"settings": settings, "examples": self.transfer_examples}, self.cache_path)
         indices = torch.arange(len(labels))
         datamodule.train_dataloader = partial(  # type: ignore[method-assign]
             datamodule._loader, images, labels, train=True, extras={"index": indices}
         )
+
+    def on_fit_start(self) -> None:
+        """Generate (on the model's device, identically on every rank) and save the cache when it was missing."""
+        if self.transfer_examples is not None:
+            return
+        datamodule = self.trainer.datamodule
+        pixels = datamodule.train_images.to(self.device).float().div(255)
+        self.transfer_examples = generate_transfer_examples(
+            list(self.sources), pixels, datamodule.train_labels.to(self.device), self.attack, self.eps, self.alpha,
+            self.steps, self.copies, self.cache_seed, self.num_classes,
+        )  # fmt: skip
+        if self.trainer.is_global_zero:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"settings": self._cache_settings, "examples": self.transfer_examples}, self.cache_path)
+        self.trainer.strategy.barrier()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = as_batch(batch)
@@ -257,8 +270,10 @@ class PubDef(ImageClassifier):
 
     def on_test_epoch_end(self) -> None:
         rows = []
+        reduce = self.trainer.strategy.reduce
+        count = float(reduce(torch.tensor(float(self._transfer_count), device=self.device), reduce_op="sum"))
         for (index, name), correct in self._transfer_correct.items():
-            accuracy = correct / max(1, self._transfer_count)
+            accuracy = float(reduce(torch.tensor(float(correct), device=self.device), reduce_op="sum")) / max(1, count)
             self.log(f"test/transfer_acc/{index}/{name}", accuracy)
             rows.append({"attacker": index, "attack": name, "eps": self.eps, "transfer_acc": accuracy})
         if rows:

@@ -162,11 +162,12 @@ def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
 def test_every_variant_learns_16x16_digits(kind: str) -> None:
-    """Width 48, 6 query heads over 3 key/value heads, 2 blocks; untrained (``epochs=0``) each is at chance."""
+    """Width 48, 6 query heads over 3 key/value heads, 1 block, 5 epochs (measured 89-90% for every variant on this
+    2-core CPU); untrained (``epochs=0``) each is at chance."""
     torch.manual_seed(0)
     net = KDGQAViT(
-        num_classes=10, in_channels=1, img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=HEADS,
+        num_classes=10, in_channels=1, img_size=16, patch_size=4, embed_dim=DIM, depth=1, num_heads=HEADS,
         num_kv_heads=3, attention=kind, window_size=20, global_pool="avg",
     )  # fmt: skip
-    accuracy = train_and_test(net, epochs=6, batch_size=32)
+    accuracy = train_and_test(net, epochs=5, batch_size=32)
     assert accuracy > 0.80, accuracy
