@@ -91,8 +91,9 @@ def test_each_mixed_item_carries_one_transfer_example_of_itself(tmp_path: Path) 
     clean, transfer = inputs.chunk(2)
     cache = model.transfer_examples.float().div(255)  # (sources, copies, N, 1, 8, 8)
     datamodule = model.trainer.datamodule
+    index_of = {bytes(image.numpy()): i for i, image in enumerate(datamodule.train_images)}
     for image, example in zip(clean, transfer):
-        (index,) = [i for i, train in enumerate(datamodule.train_images.float().div(255)) if torch.equal(train, image)][:1]
+        index = index_of[bytes((image * 255).round().to(torch.uint8).numpy())]
         candidates = cache[:, :, index].flatten(0, 1)
         assert any(torch.equal(candidate, example) for candidate in candidates)
         assert (example - image).abs().max() <= EPS + 1e-6
