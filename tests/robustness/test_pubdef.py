@@ -32,7 +32,7 @@ def convnet(width: int, norm: str = "batchnorm") -> nn.Module:
     return ConvNet(num_classes=10, in_channels=1, depth=2, width=width, norm=norm, image_size=8)
 
 
-def train_normally(model: nn.Module, datamodule: DigitsDataModule, seed: int, epochs: int = 6) -> nn.Module:
+def train_normally(model: nn.Module, datamodule: DigitsDataModule, seed: int, epochs: int = 4) -> nn.Module:
     """Plain cross-entropy training on normalized digits (a "public" model)."""
     torch.manual_seed(seed)
     datamodule.setup("fit")
@@ -119,8 +119,9 @@ def test_pubdef_resists_transfer_attacks_from_held_out_models(tmp_path: Path) ->
     """Sources: two ConvNets and an MLP; held-out attackers: a wider group-norm ConvNet and a wider MLP; worst case
     over PGD and MI-FGSM (eps 0.15, 10 steps) from each. PubDef (0.5 / 0.5) against the same training with weights
     (1, 0), i.e. normal training: the worst transfer accuracy must rise by >= 15 points with clean accuracy within 3
-    points. With transfer weight 0 both runs are the same training, so a no-op fails. The card's eps 0.1 gave +12.7
-    points (PGD only) and +11.6 (PGD and MI-FGSM): the normally trained ConvNet already resists much of that."""
+    points (measured: 77.3% vs 47.6%, clean 97.3% vs 98.4%). With transfer weight 0 both runs are the same training,
+    so a no-op fails. The card's eps 0.1 gave +12.7 points (PGD only) and +11.6 (PGD and MI-FGSM) in a longer run:
+    the normally trained ConvNet already resists much of that."""
     data = digits()
     sources = [train_normally(convnet(16), data, 1), train_normally(convnet(8), data, 2), train_normally(mlp(64), data, 3)]
     attackers = [train_normally(convnet(32, "groupnorm"), data, 4), train_normally(mlp(128), data, 5)]
@@ -128,7 +129,7 @@ def test_pubdef_resists_transfer_attacks_from_held_out_models(tmp_path: Path) ->
     for weights in ((1.0, 1.0), (1.0, 0.0)):
         torch.manual_seed(0)
         model = defender(sources, attackers, tmp_path / "cache.pt", weights)
-        trainer = cpu_trainer(max_epochs=8, limit_val_batches=0, default_root_dir=tmp_path, inference_mode=False)
+        trainer = cpu_trainer(max_epochs=6, limit_val_batches=0, default_root_dir=tmp_path, inference_mode=False)
         trainer.fit(model, datamodule=digits())
         (results[weights],) = trainer.test(model, datamodule=digits(), verbose=False)
     pubdef, normal = results[(1.0, 1.0)], results[(1.0, 0.0)]
