@@ -6,6 +6,7 @@ from lit_methods.datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule
 from lit_methods.datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
 from lit_methods.datamodules.digits import DigitsDataModule
 from lit_methods.datamodules.fashion_mnist import FashionMNISTDataModule
+from lit_methods.datamodules.federated import FederatedDataModule, OpenWorldFederatedDataModule
 from lit_methods.datamodules.hard_batches import HardBatchDataModule
 from lit_methods.datamodules.normalization import Normalize
 from lit_methods.datamodules.imagenet import (
@@ -28,10 +29,15 @@ __all__ = [
     "DigitsDataModule",
     "DownsampledImageNetDataModule",
     "FashionMNISTDataModule",
+    "FederatedDataModule",
     "HardBatchDataModule",
     "ImageNet100DataModule",
     "ImageNetDataModule",
     "InMemoryVisionDataModule",
+    "OpenWorldFederatedDataModule",
     "TinyImageNetDataModule",
     "VisionDataModule",
 ]
+from lit_methods.datamodules.continual import ClassIncrementalDataModule  # noqa: E402
+
+__all__ += ["ClassIncrementalDataModule"]

@@ -205,6 +205,9 @@ _ENTRIES = (
         family="federated",
         kind="module",
         import_path="lit_methods.federated.FedLoGe",
+        status="available",
+        cpu_config="experiments/fedloge/fedloge_convnet_digits.yaml",
+        note="federation: python -m lit_methods.federated or flwr run (lit_methods.federated.flower)",
     ),
     MethodEntry(
         slug="dicesgd",
@@ -282,6 +285,9 @@ _ENTRIES = (
         family="federated",
         kind="module",
         import_path="lit_methods.federated.FedoSSL",
+        status="partial",
+        cpu_config="experiments/fedossl/fedossl_convnet_digits.yaml",
+        note="calibration-helps-globally-unseen check not in tests (measured by hand); no SimCLR init",
     ),
     MethodEntry(
         slug="slimfit",
@@ -372,7 +378,7 @@ _ENTRIES = (
         import_path="lit_methods.ssl.MLC",
         status="available",
         cpu_config="experiments/mlc/mlc_convnet_digits.yaml",
-        note="two stages: run tcr_convnet_digits.yaml first; eta/eps/lambda unconfirmed",
+        note="two stages (from TCR or MoCo v2): run tcr_convnet_digits.yaml first; eta/eps/lambda unconfirmed",
     ),
     MethodEntry(
         slug="selfie",
@@ -383,7 +389,7 @@ _ENTRIES = (
         import_path="lit_methods.ssl.Selfie",
         status="available",
         cpu_config="experiments/selfie/selfie_resnet20_fashion_mnist.yaml",
-        note="no official code; the patch network is a whole backbone",
+        note="no official code; pretrains a whole backbone, fine-tuning reads stem + 3 stages (paper)",
     ),
     MethodEntry(
         slug="cuda-unlearnable",
@@ -516,6 +522,9 @@ _ENTRIES = (
         family="continual",
         kind="module",
         import_path="lit_methods.continual.NMCBaseline",
+        status="available",
+        cpu_config="experiments/nmc-baseline/nmc-baseline_convnet_digits.yaml",
+        note="no Lightning DDP (nothing to train); the head all-reduces under any process group",
     ),
     MethodEntry(
         slug="napa-vq",
@@ -524,6 +533,9 @@ _ENTRIES = (
         family="continual",
         kind="module",
         import_path="lit_methods.continual.NAPAVQ",
+        status="available",
+        cpu_config="experiments/napa-vq/napa-vq_convnet_digits.yaml",
+        note="digits check uses CPU-sized loss weights (pa 1, kd 0.3); backbone without CBAM",
     ),
     MethodEntry(
         slug="otov2",

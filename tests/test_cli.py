@@ -188,7 +188,7 @@ def _sweep_argv(sweep_file: Path) -> tuple[list[str], dict]:
 @pytest.mark.parametrize("sweep_file", sorted((EXPERIMENTS / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_sweep_parameters_are_cli_keys(sweep_file, capsys):
     sweep = yaml.safe_load(sweep_file.read_text())
-    assert sweep["command"][:3] == ["${env}", "lit-methods", "fit"] and sweep["metric"]["name"] in ("val/acc", "val/loss")
+    assert sweep["command"][:3] == ["${env}", "lit-methods", "fit"] and sweep["metric"]["name"] in ("val/acc", "val/loss", "val/knn_acc")
     argv, chosen = _sweep_argv(sweep_file)
     with pytest.raises(SystemExit):
         LitMethodsCLI(args=[*[resolve_config_path(a) for a in argv], *CPU, "--print_config"])

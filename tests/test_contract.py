@@ -88,6 +88,15 @@ OVERRIDES = {
         '--trainer.callbacks=[{"class_path": "lit_methods.callbacks.GhostBatchNorm", '
         '"init_args": {"virtual_batch_size": 8}}]',
     ],
+    # The class-incremental stream wraps the dataset's datamodule, which holds the batch size.
+    "nmc-baseline": [f"--trainer.limit_train_batches={CHECKPOINT_STEP}", "--data.datamodule.batch_size=16"],
+    # One epoch per task, so that the resumed step is the first of task 1 (the old-model snapshot, prototypes, frozen
+    # old code vectors and NA-PA are then part of the exact-resume check).
+    "napa-vq": [
+        f"--trainer.limit_train_batches={CHECKPOINT_STEP}",
+        "--data.datamodule.batch_size=16",
+        "--data.epochs_per_task=1",
+    ],
     # HardBatchDataModule refuses limit_train_batches and resumes exactly from any step: checkpoint mid-pass.
     "hard-batches": ["--data.datamodule.batch_size=16"],
 }

