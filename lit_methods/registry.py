@@ -274,6 +274,9 @@ _ENTRIES = (
         family="architecture",
         kind="backbone",
         import_path="lit_methods.nets.SpectFormer",
+        status="available",
+        cpu_config="experiments/spectformer/spectformer_tiny_digits.yaml",
+        note="vanilla SpectFormer only (no hierarchical SpectFormer-H)",
     ),
     MethodEntry(
         slug="fedossl",
@@ -319,6 +322,9 @@ _ENTRIES = (
         family="robustness",
         kind="module",
         import_path="lit_methods.robustness.CrossMax",
+        status="available",
+        cpu_config="experiments/crossmax/crossmax_convnet_digits.yaml",
+        note="trains from scratch (no ImageNet ResNet-152); input stack keeps the image size",
     ),
     MethodEntry(
         slug="ssl-ey",
@@ -406,6 +412,9 @@ _ENTRIES = (
         family="robustness",
         kind="module",
         import_path="lit_methods.robustness.PubDef",
+        status="available",
+        cpu_config="experiments/pubdef/pubdef_convnet_digits.yaml",
+        note="mix mode only (no worst-k or EMA source weighting); transfer examples of un-augmented images",
     ),
     MethodEntry(
         slug="multi-sample-dropout",
@@ -453,6 +462,8 @@ _ENTRIES = (
         family="architecture",
         kind="backbone",
         import_path="lit_methods.nets.KDGQAViT",
+        status="available",
+        cpu_config="experiments/kdgqa/kdgqa_vit_digits.yaml",
     ),
     MethodEntry(
         slug="mixed-barlow-twins",

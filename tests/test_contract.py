@@ -65,6 +65,15 @@ OVERRIDES = {
     # Second stages read the first stage's checkpoint, which the contract does not train: start from random weights.
     "mlc": [*DEFAULT_OVERRIDES, "--model.pretrained_checkpoint=null"],
     "subgroup-fairness": [*DEFAULT_OVERRIDES, "--model.flow_augmentation=null"],
+    # PubDef's sources are trained by a first-stage config the contract does not run: random sources, and a cheap
+    # transfer-example cache (1 attack step, 1 copy) so that generating it does not dominate the run.
+    "pubdef": [
+        *DEFAULT_OVERRIDES,
+        "--model.source_checkpoints=null",
+        "--model.attacker_checkpoints=null",
+        "--model.steps=1",
+        "--model.copies=1",
+    ],
     # Calibrating sigma to the epsilon budget runs opacus' RDP accountant for ~15 s per run: give sigma directly.
     # The noise seed is fixed so that the uninterrupted run and the resumed one draw the same noise (by default each
     # run draws a fresh seed from OS entropy; a resumed run restores its generator from the checkpoint).

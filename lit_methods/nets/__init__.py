@@ -53,3 +53,16 @@ __all__ = [
     "list_nets",
     "register_net",
 ]
+
+from .grouped_query_attention import GroupedQueryAttention, KDGQAViT, convert_to_grouped_query, key_driven_allocation
+from .spectformer import SpectFormer, SpectralGatingBlock, SpectralGatingFilter
+
+__all__ += [
+    "GroupedQueryAttention",
+    "KDGQAViT",
+    "SpectFormer",
+    "SpectralGatingBlock",
+    "SpectralGatingFilter",
+    "convert_to_grouped_query",
+    "key_driven_allocation",
+]

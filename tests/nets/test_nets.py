@@ -47,6 +47,8 @@ def one_channel_kwargs(name: str) -> tuple[int, dict[str, Any]]:
         return 32, {}
     if name.startswith("convnet"):
         return 28, {"image_size": 28}
+    if name.startswith("spectformer"):  # spectral filters are sized for one token grid
+        return 28, {"image_size": 28}
     return 28, {}
 
 
