@@ -384,8 +384,10 @@ _ENTRIES = (
         paper="CUDA: Convolution-based Unlearnable Datasets",
         url=_ARXIV + "2303.04278",
         family="data protection",
-        kind="transform",
-        import_path="lit_methods.datamodules.unlearnable.CUDATransform",
+        kind="datamodule",
+        import_path="lit_methods.datamodules.unlearnable.CUDAUnlearnableDataModule",
+        status="available",
+        cpu_config="experiments/cuda-unlearnable/cuda-unlearnable_convnet_digits.yaml",
     ),
     MethodEntry(
         slug="pubdef",

@@ -81,6 +81,8 @@ OVERRIDES = {
     ],
     # HardBatchDataModule refuses limit_train_batches and resumes exactly from any step: checkpoint mid-pass.
     "hard-batches": ["--data.datamodule.batch_size=16"],
+    # The CUDA datamodule wraps the dataset's datamodule, which owns the batch size.
+    "cuda-unlearnable": [f"--trainer.limit_train_batches={CHECKPOINT_STEP}", "--data.datamodule.batch_size=16"],
 }
 # Entries whose CPU config reads the checkpoint that another entry's CPU config writes: one step of that one first.
 FIRST_STAGE = {"linear-eval": "simclr"}
