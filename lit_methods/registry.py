@@ -224,6 +224,9 @@ _ENTRIES = (
         family="unlearning",
         kind="module",
         import_path="lit_methods.unlearning.WorstCaseForget",
+        status="available",
+        cpu_config="experiments/worst-case-forget/worst-case-forget_convnet_digits.yaml",
+        note="judged with retrain, FT, GA, RL and l1-sparse; IU, boundary, SCRUB and EU/CF not written",
     ),
     MethodEntry(
         slug="projection-head",
