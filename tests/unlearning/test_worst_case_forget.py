@@ -140,7 +140,10 @@ def test_unlearning_methods_never_modify_the_original_and_move_the_forget_loss(o
     x, y = data.to_inputs(data.train_images), data.train_labels
     forget, retain = (x[:100], y[:100]), (x[100:], y[100:])
     before = {k: v.clone() for k, v in original.state_dict().items()}
-    loss = lambda m: float(F.cross_entropy(m(forget[0]), forget[1]))  # noqa: E731
+
+    def loss(model: nn.Module) -> float:
+        return float(F.cross_entropy(model(forget[0]), forget[1]))
+
     with torch.no_grad():
         start = loss(original)
     models = {m: unlearn(original, m, forget, retain, 10, epochs=2, lr=0.01) for m in ("ga", "rl", "l1-sparse", "retrain")}
