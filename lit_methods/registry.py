@@ -224,7 +224,7 @@ _ENTRIES = (
         family="unlearning",
         kind="module",
         import_path="lit_methods.unlearning.WorstCaseForget",
-        status="available",
+        status="partial",
         cpu_config="experiments/worst-case-forget/worst-case-forget_convnet_digits.yaml",
         note="judged with retrain, FT, GA, RL and l1-sparse; IU, boundary, SCRUB and EU/CF not written",
     ),
@@ -502,6 +502,9 @@ _ENTRIES = (
         family="model extraction",
         kind="module",
         import_path="lit_methods.extraction.CaBaGe",
+        status="partial",
+        cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
+        note="gain over DisGUIDE-lite not shown on digits; filter, replay, head growth read from the abstract",
     ),
     MethodEntry(
         slug="nmc-baseline",

@@ -92,6 +92,14 @@ OVERRIDES = {
         "--model.lower_epochs=1",
         "--model.unlearning_methods=[]",
     ],
+    # The victim checkpoint comes from a first stage the contract does not train: attack the randomly initialised
+    # victim; rounds of 16 queries on a 2-step clock, and a small replay memory.
+    "cabage": [
+        f"--trainer.limit_train_batches={CHECKPOINT_STEP}",
+        "--model.victim_checkpoint=null",
+        "--model.batch_size=16",
+        "--model.replay_size=256",
+    ],
 }
 # Entries whose CPU config reads the checkpoint that another entry's CPU config writes: one step of that one first.
 FIRST_STAGE = {"linear-eval": "simclr"}
