@@ -5,6 +5,8 @@ and the easiest set (``easiest=True``, the code's ``re_optm``) reverses the orde
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,12 +83,12 @@ def original() -> nn.Module:
     return net
 
 
-def select(original: nn.Module, easiest: bool, **kwargs) -> WorstCaseForget:
+def select(original: nn.Module, easiest: bool, log_dir: Path, **kwargs) -> WorstCaseForget:
     options = {"unlearning_methods": ["ft"], "unlearning_epochs": 5, "random_sets": 3} | kwargs
     model = WorstCaseForget(
         _copy(original), num_classes=10, forget_size=0.1, lower_epochs=3, easiest=easiest, **options
     )
-    trainer = cpu_trainer(max_epochs=9, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=9, limit_val_batches=0, default_root_dir=log_dir)
     trainer.fit(model, datamodule=IndexedDataModule(DigitsDataModule(batch_size=64, num_workers=0, crop_padding=0)))
     return model
 
@@ -103,8 +105,9 @@ def summary(model: WorstCaseForget, forget_set: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def selections(original) -> dict[str, WorstCaseForget]:
-    return {"worst": select(original, easiest=False), "easiest": select(original, easiest=True)}
+def selections(original, tmp_path_factory) -> dict[str, WorstCaseForget]:
+    worst, easiest = tmp_path_factory.mktemp("worst"), tmp_path_factory.mktemp("easiest")
+    return {"worst": select(original, False, worst), "easiest": select(original, True, easiest), "worst_dir": worst}
 
 
 def test_worst_case_set_is_harder_to_forget_than_random_sets(selections):
@@ -112,6 +115,8 @@ def test_worst_case_set_is_harder_to_forget_than_random_sets(selections):
     with w left uniform the top-K mask is the first K samples, an arbitrary set whose UA and MIA match the random
     sets' (checked by hand by dropping the upper step)."""
     worst = selections["worst"]
+    report = (selections["worst_dir"] / "unlearning_report.csv").read_text().splitlines()
+    assert report[0] == "forget_set,method,UA,RA,TA,MIA" and len(report) == 1 + 4 * 2  # worst + 3 random, original + ft
     k = round(0.1 * len(worst.selection_weights))
     assert int(worst.forget_mask.sum()) == k
     assert abs(float(worst.selection_weights.sum()) - k) < 1e-3
@@ -127,8 +132,8 @@ def test_easiest_set_reverses_the_order(selections):
     assert not torch.equal(easiest.forget_mask, selections["worst"].forget_mask)
 
 
-def test_binarised_weights_hold_exactly_k_ones(original):
-    model = select(original, easiest=False, binarize_every=1, unlearning_methods=[])
+def test_binarised_weights_hold_exactly_k_ones(original, tmp_path):
+    model = select(original, False, tmp_path, binarize_every=1, unlearning_methods=[])
     k = int(model.forget_mask.sum())
     assert set(model.selection_weights.unique().tolist()) == {0.0, 1.0}
     assert int(model.selection_weights.sum()) == k == round(0.1 * len(model.selection_weights))
