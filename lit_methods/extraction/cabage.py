@@ -419,6 +419,12 @@ class CaBaGe(MethodBase):
         return int((self.seen_labels >= 0).sum())
 
     def on_fit_start(self) -> None:
+        self.victim_api.to(self.device)  # not a submodule: Lightning does not move it
+
+    def on_validation_start(self) -> None:
+        self.victim_api.to(self.device)
+
+    def on_test_start(self) -> None:
         self.victim_api.to(self.device)
 
     # -- clones ------------------------------------------------------------------------------------------------------
