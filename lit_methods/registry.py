@@ -504,7 +504,7 @@ _ENTRIES = (
         import_path="lit_methods.extraction.CaBaGe",
         status="partial",
         cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
-        note="gain over DisGUIDE-lite not shown on digits; filter, replay, head growth read from the abstract",
+        note="agreement above DisGUIDE-lite on digits, query-label entropy not; design read from the abstract",
     ),
     MethodEntry(
         slug="nmc-baseline",

@@ -167,12 +167,19 @@ def test_the_filter_balances_the_queries_over_the_clones_classes():
     assert entropy(chosen) > entropy(torch.arange(64)) + 0.5
 
 
-def test_clones_learn_the_victim_from_generated_queries_alone(victim):
-    """60 rounds of 64 label queries (3,840): the clone ensemble agrees with the victim on real test digits well above
-    its untrained agreement. Fails when the clone step is a no-op (the clones stay at their initial agreement, about
-    chance, checked by hand). The card's comparison with DisGUIDE-lite (higher query-label entropy, at least equal
-    agreement over 3 seeds) is not asserted: at this budget it did not hold (see the report in the issue)."""
+BASELINE = {"num_generators": 1, "filter_ratio": 1.0, "hard_replay": False}
+
+
+def test_cabage_clones_agree_more_than_the_disguide_lite_baseline(victim):
+    """The card's check on digits, 3 seeds of 60 rounds of 64 label queries (3,840) each: the CaBaGe clones agree with
+    the victim on real test digits more than DisGUIDE-lite's (one generator, no filter, uniform replay), and well
+    above their untrained agreement. Fails for a no-op filter and ensemble (CaBaGe then is the baseline: equal
+    agreement) and for a no-op clone step (agreement stays near chance). The card's other claim, a higher entropy of
+    the queried labels, did not hold at this budget (3-seed means 1.13 against 1.12 nats) and is not asserted."""
     untrained = agreement(build(victim, seed=0, rounds=60, **CABAGE), victim)
-    model = attack(victim, seed=0, rounds=60, **CABAGE)
-    assert agreement(model, victim) > untrained + 0.05
-    assert int(model.queries) == 60 * 64
+    cabage, baseline = [], []
+    for seed in range(3):
+        cabage.append(agreement(attack(victim, seed=seed, rounds=60, **CABAGE), victim))
+        baseline.append(agreement(attack(victim, seed=seed, rounds=60, **BASELINE), victim))
+    assert sum(cabage) / 3 >= sum(baseline) / 3 + 0.02, (cabage, baseline)
+    assert min(cabage) > untrained + 0.05, (cabage, untrained)
