@@ -23,7 +23,9 @@ appear (outputs past it are masked), and the quotas follow it. The victim's weig
 outside the module's parameters, in eval mode, with ``requires_grad=False``, queried under ``no_grad``.
 
 No official CaBaGe code was found: the DisGUIDE parts follow its code (via the project's method card); the filter,
-the hard replay and the class-count growth are this implementation's reading of the CaBaGe abstract.
+the hard replay and the class-count growth are this implementation's reading of the CaBaGe abstract. On digits
+(3,840 label queries, 3 seeds) the clones agree with the victim more than DisGUIDE-lite's, but the queried labels are
+not more balanced (entropy 1.13 against 1.12 nats): the card's balance claim is not reproduced at that budget.
 """
 
 from __future__ import annotations
