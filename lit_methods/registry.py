@@ -227,6 +227,9 @@ _ENTRIES = (
         family="unlearning",
         kind="module",
         import_path="lit_methods.unlearning.WorstCaseForget",
+        status="partial",
+        cpu_config="experiments/worst-case-forget/worst-case-forget_convnet_digits.yaml",
+        note="judged with retrain, FT, GA, RL and l1-sparse; IU, boundary, SCRUB and EU/CF not written",
     ),
     MethodEntry(
         slug="projection-head",
@@ -402,8 +405,10 @@ _ENTRIES = (
         paper="CUDA: Convolution-based Unlearnable Datasets",
         url=_ARXIV + "2303.04278",
         family="data protection",
-        kind="transform",
-        import_path="lit_methods.datamodules.unlearnable.CUDATransform",
+        kind="datamodule",
+        import_path="lit_methods.datamodules.unlearnable.CUDAUnlearnableDataModule",
+        status="available",
+        cpu_config="experiments/cuda-unlearnable/cuda-unlearnable_convnet_digits.yaml",
     ),
     MethodEntry(
         slug="pubdef",
@@ -523,6 +528,9 @@ _ENTRIES = (
         family="model extraction",
         kind="module",
         import_path="lit_methods.extraction.CaBaGe",
+        status="partial",
+        cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
+        note="agreement above DisGUIDE-lite on digits, query-label entropy not; design read from the abstract",
     ),
     MethodEntry(
         slug="nmc-baseline",

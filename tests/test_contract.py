@@ -99,6 +99,25 @@ OVERRIDES = {
     ],
     # HardBatchDataModule refuses limit_train_batches and resumes exactly from any step: checkpoint mid-pass.
     "hard-batches": ["--data.datamodule.batch_size=16"],
+    # The CUDA datamodule wraps the dataset's datamodule, which owns the batch size.
+    "cuda-unlearnable": [f"--trainer.limit_train_batches={CHECKPOINT_STEP}", "--data.datamodule.batch_size=16"],
+    # Start from random weights (stage 1 is not trained here), take an upper step after every (2-step) epoch so the
+    # checkpoint holds one, and skip the end-of-run judging of unlearning methods (their own tests cover them).
+    "worst-case-forget": [
+        f"--trainer.limit_train_batches={CHECKPOINT_STEP}",
+        "--data.datamodule.batch_size=16",
+        "--model.pretrained_checkpoint=null",
+        "--model.lower_epochs=1",
+        "--model.unlearning_methods=[]",
+    ],
+    # The victim checkpoint comes from a first stage the contract does not train: attack the randomly initialised
+    # victim; rounds of 16 queries on a 2-step clock, and a small replay memory.
+    "cabage": [
+        f"--trainer.limit_train_batches={CHECKPOINT_STEP}",
+        "--model.victim_checkpoint=null",
+        "--model.batch_size=16",
+        "--model.replay_size=256",
+    ],
 }
 # Entries whose CPU config reads the checkpoint that another entry's CPU config writes: one step of that one first.
 FIRST_STAGE = {"linear-eval": "simclr"}
