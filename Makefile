@@ -8,6 +8,7 @@ setup:
 quickstart: setup
 	python3 -m lit_methods fit --config experiments/quickstart.yaml
 
-# The whole test suite (wandb disabled; no network, no GPU needed).
+# The whole test suite (wandb disabled; no network, no GPU needed), one pytest-xdist worker per core; the tests of
+# a file stay on one worker so that their module-scoped fixtures (trained tiny models) are built once.
 test: setup
-	python3 -m pytest -q
+	python3 -m pytest -q -n auto --dist loadfile

@@ -9,6 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread: tiny nets gain
+# nothing from intra-op threads, and two workers of two threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # No test talks to wandb's servers: the wandb tests switch to offline mode themselves.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
