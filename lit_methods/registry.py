@@ -297,6 +297,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.Polarization",
+        status="available",
+        cpu_config="experiments/polarization/polarization_convnet_digits.yaml",
+        note="static (input-independent) gates; the dynamic gating head is not implemented",
     ),
     MethodEntry(
         slug="diffusion",

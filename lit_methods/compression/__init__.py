@@ -1,1 +1,5 @@
 """Pruning and model-IP methods (polarization, sparse-then-prune, OTOv2, RD pruning, lottery ownership) as LightningModules; their algorithms live in lit_methods.pruning."""
+
+from .polarization import ChannelGates, Polarization, polarization_penalty
+
+__all__ = ["ChannelGates", "Polarization", "polarization_penalty"]
