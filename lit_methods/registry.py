@@ -524,6 +524,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.OTOv2",
+        status="available",
+        cpu_config="experiments/otov2/otov2_convnet_digits.yaml",
+        note="ZIGs at channel granularity from torch-pruning's graph; no ONNX export",
     ),
     MethodEntry(
         slug="datadam",

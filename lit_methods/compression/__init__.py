@@ -1,5 +1,6 @@
 """Pruning and model-IP methods (polarization, sparse-then-prune, OTOv2, RD pruning, lottery ownership) as LightningModules; their algorithms live in lit_methods.pruning."""
 
+from .otov2 import OTOv2
 from .polarization import ChannelGates, Polarization, polarization_penalty
 
-__all__ = ["ChannelGates", "Polarization", "polarization_penalty"]
+__all__ = ["OTOv2", "ChannelGates", "Polarization", "polarization_penalty"]

@@ -54,7 +54,7 @@ class ChannelGroup:
         squares = torch.zeros(self.num_channels, device=next(iter(params.values())).device)
         for name, idxs in self.out_slices:
             param = params[name].detach()
-            squares += param.index_select(0, idxs.to(param.device)).pow(2).flatten(1).sum(1)
+            squares += param.index_select(0, idxs.to(param.device)).pow(2).reshape(len(idxs), -1).sum(1)
         return squares.sqrt()
 
 
