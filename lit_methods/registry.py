@@ -592,6 +592,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.RDPrune",
+        status="available",
+        cpu_config="experiments/rd-prune/rd-prune_convnet_digits.yaml",
+        note="unstructured variant; calibration images taken from the first training batches",
     ),)
 
 METHODS: dict[str, MethodEntry] = {entry.slug: entry for entry in _ENTRIES}

@@ -2,5 +2,6 @@
 
 from .otov2 import OTOv2
 from .polarization import ChannelGates, Polarization, polarization_penalty
+from .rd_prune import RDPrune
 
-__all__ = ["OTOv2", "ChannelGates", "Polarization", "polarization_penalty"]
+__all__ = ["OTOv2", "ChannelGates", "Polarization", "polarization_penalty", "RDPrune"]
