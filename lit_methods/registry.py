@@ -335,6 +335,9 @@ _ENTRIES = (
         family="pruning / IP protection",
         kind="module",
         import_path="lit_methods.compression.LotteryOwnership",
+        status="available",
+        cpu_config="experiments/lottery-ownership/lottery-ownership_convnet_digits.yaml",
+        note="embedded signature + path pruning; ticket mask by magnitude (no IMP search, no trigger set)",
     ),
     MethodEntry(
         slug="dcc",
