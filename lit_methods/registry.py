@@ -418,6 +418,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.SparseThenPrune",
+        status="available",
+        cpu_config="experiments/sparse-then-prune/sparse-then-prune_vit_digits.yaml",
+        note="CIFAR config needs 384px resizing and IN-21k weights supplied by the user",
     ),
     MethodEntry(
         slug="hard-batches",

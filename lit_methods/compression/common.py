@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lit_methods.pruning.report import save_sparsity_bar_chart
 
-__all__ = ["example_inputs", "log_sparsity"]
+__all__ = ["example_inputs", "log_sparsity", "save_sparsity_figure"]
 
 
 def log_sparsity(module: L.LightningModule, sparsity: Mapping[str, float], tag: str) -> str | None:
@@ -26,7 +26,15 @@ def log_sparsity(module: L.LightningModule, sparsity: Mapping[str, float], tag: 
     for name, value in sparsity.items():
         module.log(f"{tag}/{name}", value, sync_dist=False)
     trainer = module._trainer
-    if trainer is None or not trainer.loggers or not trainer.is_global_zero:
+    if trainer is None:
+        return None
+    return save_sparsity_figure(trainer, sparsity, tag)
+
+
+def save_sparsity_figure(trainer: L.Trainer, sparsity: Mapping[str, float], tag: str) -> str | None:
+    """On rank 0 of a run with a logger, the bar chart of ``sparsity`` as ``<log dir>/<tag>_epoch<E>.png``, also sent
+    to wandb when a logger is a ``WandbLogger``; returns its path (``None`` when none is written)."""
+    if not trainer.loggers or not trainer.is_global_zero:
         return None
     folder = trainer.log_dir or trainer.default_root_dir
     path = os.path.join(folder, f"{tag.replace('/', '_')}_epoch{trainer.current_epoch}.png")
