@@ -49,6 +49,7 @@ def owned() -> LotteryOwnership:
     return model
 
 
+@pytest.mark.slow
 def test_signature_survives_masked_fine_tuning(owned) -> None:
     """Card check (c): the weights themselves (nonzero = kept) still carry every bit."""
     assert owned.verify() == 1.0
@@ -56,6 +57,7 @@ def test_signature_survives_masked_fine_tuning(owned) -> None:
     assert int((weight != 0).sum()) == int(owned.mask_dict()["features.4"].sum())
 
 
+@pytest.mark.slow
 def test_signature_survives_20_percent_more_magnitude_pruning(owned) -> None:
     """Card check (d): a removal attack pruning 20% of the remaining weights globally by magnitude."""
     weights = owned.weights()
@@ -66,6 +68,7 @@ def test_signature_survives_20_percent_more_magnitude_pruning(owned) -> None:
     assert owned.verify(attacked) >= 0.9
 
 
+@pytest.mark.slow
 def test_an_unrelated_mask_matches_about_half(owned) -> None:
     """Card check (e): the same window of an independently drawn 70%-sparse mask."""
     other = random_mask((32, 32, 3, 3), 0.7, seed=123)

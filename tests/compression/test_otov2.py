@@ -44,6 +44,7 @@ def trained() -> tuple[OTOv2, DigitsDataModule]:
     return model.eval(), datamodule
 
 
+@pytest.mark.slow
 def test_dhspg_reaches_the_target_with_exact_zero_groups(trained) -> None:
     """Card checks 1, 2 and 5; a no-op optimizer (plain SGD, test below) gives no zero group."""
     model, datamodule = trained
@@ -55,6 +56,7 @@ def test_dhspg_reaches_the_target_with_exact_zero_groups(trained) -> None:
     assert accuracy(model, datamodule) > 0.80
 
 
+@pytest.mark.slow
 def test_slim_model_computes_the_dense_logits_with_fewer_parameters(trained) -> None:
     """Card check 3: built automatically from the dependency graph."""
     model, datamodule = trained
@@ -83,6 +85,7 @@ def test_groups_couple_both_sides_of_a_residual_add() -> None:
     assert sum(g.num_channels for g in groups.values()) == 8 + 8 + 16 + 16 + 8  # stem, conv1 x2, add, side
 
 
+@pytest.mark.slow
 def test_plain_sgd_gives_no_exact_zero_group() -> None:
     """The control: the same net and data, SGD with weight decay for 3 epochs (the DHSPG run has zeros from its
     fourth epoch on)."""

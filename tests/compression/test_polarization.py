@@ -47,6 +47,7 @@ def accuracy(net: nn.Module, datamodule: DigitsDataModule) -> float:
     return float((logits.argmax(1) == datamodule.test_labels).float().mean())
 
 
+@pytest.mark.slow
 def test_gates_polarise_to_the_target_keep_ratio(regularized) -> None:
     """Card checks 1, 2 and 5. Without the regulariser the same run fails 1 and 2 (test below)."""
     model, datamodule = regularized
@@ -55,6 +56,7 @@ def test_gates_polarise_to_the_target_keep_ratio(regularized) -> None:
     assert accuracy(model, datamodule) >= 0.80
 
 
+@pytest.mark.slow
 def test_export_matches_the_gated_supernet(regularized) -> None:
     """Card check 4: the physical sub-network computes the gated net's logits and has about half the channels. A
     wrong export (dropping the kept instead of the gated-off channels, or leaving gates on) fails it."""
@@ -72,6 +74,7 @@ def test_export_matches_the_gated_supernet(regularized) -> None:
     assert not any(module._forward_hooks for module in slim.modules())
 
 
+@pytest.mark.slow
 def test_without_the_regulariser_gates_neither_polarise_nor_prune() -> None:
     model, _ = train(regularize=False)
     assert model.undecided_share() >= 0.05

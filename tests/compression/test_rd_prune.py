@@ -61,6 +61,7 @@ def accuracy_with(model: RDPrune, masks: dict[str, torch.Tensor], datamodule: Di
     return float((logits.argmax(1) == datamodule.test_labels).float().mean())
 
 
+@pytest.mark.slow
 def test_distortions_are_nearly_additive(trained) -> None:
     """Card check (a): pruning two layers at 30% distorts about as much as the sum of the two alone."""
     model, _ = trained
@@ -73,6 +74,7 @@ def test_distortions_are_nearly_additive(trained) -> None:
     assert abs(joint - sum(single)) <= 0.25 * sum(single)
 
 
+@pytest.mark.slow
 def test_dynamic_program_equals_brute_force(trained) -> None:
     """Card check (b): 3 layers, grid of 6 levels, all 6^3 allocations enumerated."""
     model, _ = trained
@@ -93,6 +95,7 @@ def test_dynamic_program_equals_brute_force(trained) -> None:
     assert float(sum(curves[l, k] for l, k in enumerate(picked))) == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_rd_allocation_meets_the_budget_and_beats_uniform_at_80_percent(trained) -> None:
     """Card checks (c) and (d), no retraining. A no-op allocator (uniform) is the comparison; an allocator ignoring
     the curves would not reach a lower distortion."""
@@ -107,6 +110,7 @@ def test_rd_allocation_meets_the_budget_and_beats_uniform_at_80_percent(trained)
     assert accuracy_with(model, masks, datamodule) >= accuracy_with(model, uniform, datamodule)
 
 
+@pytest.mark.slow
 def test_a_second_round_never_lowers_a_layer_sparsity(trained) -> None:
     """Card check (e), through the module's own rounds: 50% then 80%."""
     model, _ = trained
