@@ -309,6 +309,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.Polarization",
+        status="available",
+        cpu_config="experiments/polarization/polarization_convnet_digits.yaml",
+        note="static (input-independent) gates; the dynamic gating head is not implemented",
     ),
     MethodEntry(
         slug="diffusion",
@@ -347,6 +350,9 @@ _ENTRIES = (
         family="pruning / IP protection",
         kind="module",
         import_path="lit_methods.compression.LotteryOwnership",
+        status="available",
+        cpu_config="experiments/lottery-ownership/lottery-ownership_convnet_digits.yaml",
+        note="embedded signature + path pruning; ticket mask by magnitude (no IMP search, no trigger set)",
     ),
     MethodEntry(
         slug="dcc",
@@ -438,6 +444,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.SparseThenPrune",
+        status="available",
+        cpu_config="experiments/sparse-then-prune/sparse-then-prune_vit_digits.yaml",
+        note="CIFAR config needs 384px resizing and IN-21k weights supplied by the user",
     ),
     MethodEntry(
         slug="hard-batches",
@@ -561,6 +570,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.OTOv2",
+        status="available",
+        cpu_config="experiments/otov2/otov2_convnet_digits.yaml",
+        note="ZIGs at channel granularity from torch-pruning's graph; no ONNX export",
     ),
     MethodEntry(
         slug="datadam",
@@ -629,6 +641,9 @@ _ENTRIES = (
         family="pruning",
         kind="module",
         import_path="lit_methods.compression.RDPrune",
+        status="available",
+        cpu_config="experiments/rd-prune/rd-prune_convnet_digits.yaml",
+        note="unstructured variant; calibration images taken from the first training batches",
     ),)
 
 METHODS: dict[str, MethodEntry] = {entry.slug: entry for entry in _ENTRIES}

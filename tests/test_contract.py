@@ -118,6 +118,8 @@ OVERRIDES = {
         "--model.batch_size=16",
         "--model.replay_size=256",
     ],
+    # Prune at the second epoch, i.e. right at the resumed checkpoint, so the round trip covers a pruning step.
+    "rd-prune": [*DEFAULT_OVERRIDES, "--model.pretrain_epochs=1"],
 }
 # Entries whose CPU config reads the checkpoint that another entry's CPU config writes: one step of that one first.
 FIRST_STAGE = {"linear-eval": "simclr"}
