@@ -1,1 +1,22 @@
-"""Diffusion models: the noise-prediction module and its samplers (DDPM, DDIM, PNDM, time-shift)."""
+"""Diffusion models: DDPM/DDIM training and sampling with classifier-free guidance and a latent variant, PNDM's
+pseudo numerical samplers and the time-shift sampler."""
+
+from __future__ import annotations
+
+from lit_methods.diffusion.pndm import PNDMSampler, transfer
+from lit_methods.diffusion.samplers import DDIMSampler, DDPMSampler, guided_eps_fn, leading_timesteps
+from lit_methods.diffusion.schedules import make_alphas_cumprod, make_betas
+from lit_methods.diffusion.time_shift import TimeShiftSampler, select_shifted_timesteps
+
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "PNDMSampler",
+    "TimeShiftSampler",
+    "guided_eps_fn",
+    "leading_timesteps",
+    "make_alphas_cumprod",
+    "make_betas",
+    "select_shifted_timesteps",
+    "transfer",
+]
