@@ -21,11 +21,14 @@ from lit_methods.diffusion.samplers import EpsFn, StepSampler
 __all__ = ["TimeShiftSampler", "select_shifted_timesteps"]
 
 
-def select_shifted_timesteps(x: Tensor, nominal: int, alphas_cumprod: Tensor, window: int) -> Tensor:
-    """Per sample, the timestep tau with ``|tau - nominal| <= window // 2`` (clipped to ``[0, T)``) minimizing
-    ``|Var(x_i) - (1 - alpha_bar_tau)|`` (the first one on ties); ``(N,)`` int64 on ``x``'s device."""
+def select_shifted_timesteps(x: Tensor, nominal: int, alphas_cumprod: Tensor, window: int,
+                             current: int | None = None) -> Tensor:
+    """Per sample, the timestep tau with ``|tau - nominal| <= window // 2`` (clipped to ``[0, T)`` and below the
+    ``current`` timestep, so that a step always denoises) minimizing ``|Var(x_i) - (1 - alpha_bar_tau)|`` (the first
+    one on ties); ``(N,)`` int64 on ``x``'s device."""
     half = window // 2
-    low, high = max(nominal - half, 0), min(nominal + half, len(alphas_cumprod) - 1)
+    top = len(alphas_cumprod) - 1 if current is None else current - 1
+    low, high = max(nominal - half, 0), min(nominal + half, top)
     candidates = torch.arange(low, high + 1)
     noise_levels = (1 - alphas_cumprod[candidates]).to(x.device, x.dtype)
     variance = x.flatten(1).var(dim=1)
@@ -38,8 +41,8 @@ class TimeShiftSampler:
 
     Args:
         base: the sampler whose grid, updates and noise it uses.
-        window: width of the search window in training timesteps (``|tau - t_next| <= window // 2``); 1 gives the
-            base sampler bitwise.
+        window: width of the search window in training timesteps (``|tau - t_next| <= window // 2``, kept below
+            the step's own timestep); 1 gives the base sampler bitwise.
         cutoff: only steps whose nominal next timestep is above it are shifted (the criterion ignores the data's
             variance, which dominates at low noise); ``cutoff >= T`` gives the base sampler bitwise.
     """
@@ -71,7 +74,7 @@ class TimeShiftSampler:
             if i == 0 or target <= self.cutoff or self.window == 1:
                 x = base.step(x, eps, t, base.alpha_bar(target), generator)
                 continue
-            shifted = select_shifted_timesteps(x, target, alphas, self.window)
+            shifted = select_shifted_timesteps(x, target, alphas, self.window, current=t)
             self.last_shifts.append((target, shifted))
             alpha_prev = alphas.to(x.device, x.dtype)[shifted].view(-1, *([1] * (x.dim() - 1)))
             x = base.step(x, eps, t, alpha_prev, generator)
