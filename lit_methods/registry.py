@@ -305,6 +305,9 @@ _ENTRIES = (
         family="generative",
         kind="module",
         import_path="lit_methods.diffusion.Diffusion",
+        status="partial",
+        cpu_config="experiments/diffusion/diffusion_unet_digits.yaml",
+        note="latent variant (first-stage autoencoder) not yet included",
     ),
     MethodEntry(
         slug="crossmax",
@@ -489,6 +492,9 @@ _ENTRIES = (
         family="generative",
         kind="sampler",
         import_path="lit_methods.diffusion.TimeShiftSampler",
+        status="available",
+        cpu_config="experiments/time-shift/time-shift_mlp_digits.yaml",
+        note="on DDIM and DDPM (the official code's 'shift the target' variant)",
     ),
     MethodEntry(
         slug="cabage",
@@ -578,6 +584,9 @@ _ENTRIES = (
         family="generative",
         kind="sampler",
         import_path="lit_methods.diffusion.PNDMSampler",
+        status="available",
+        cpu_config="experiments/pndm/pndm_mlp_digits.yaml",
+        note="F-PNDM, S-PNDM and DDIM through the transfer part; FON not included",
     ),
     MethodEntry(
         slug="rd-prune",

@@ -25,19 +25,20 @@ class MLPDenoiser(nn.Module):
 
     Args:
         in_channels: image channels.
-        image_size: image height and width (square).
+        image_size: image height and width (an int for square images).
         num_class_embeds: class embedding rows (classes + the null class) or ``None`` (unconditional).
         hidden: width of the hidden layers.
         depth: residual blocks.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 8, num_class_embeds: int | None = None,
+    def __init__(self, in_channels: int = 1, image_size: int | tuple[int, int] = 8, num_class_embeds: int | None = None,
                  hidden: int = 256, depth: int = 3) -> None:
         super().__init__()
         if hidden < 2 or depth < 1:
             raise ValueError(f"hidden must be >= 2 and depth >= 1, got hidden={hidden}, depth={depth}")
-        self.shape = (in_channels, image_size, image_size)
-        dims = in_channels * image_size * image_size
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.shape = (in_channels, height, width)
+        dims = in_channels * height * width
         self.hidden = hidden
         self.inp = nn.Linear(dims, hidden)
         self.time = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))

@@ -46,6 +46,7 @@ class PNDMSampler:
     """
 
     name: ClassVar[str] = "pndm"
+    slug: ClassVar[str] = "pndm"
 
     def __init__(self, alphas_cumprod: Tensor, steps: int,
                  method: Literal["f-pndm", "s-pndm", "ddim"] = "f-pndm", set_alpha_to_one: bool = False) -> None:

@@ -48,6 +48,7 @@ class TimeShiftSampler:
     """
 
     name: ClassVar[str] = "time-shift"
+    slug: ClassVar[str] = "time-shift"
 
     def __init__(self, base: StepSampler, window: int, cutoff: int) -> None:
         if not isinstance(base, StepSampler):
