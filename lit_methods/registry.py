@@ -305,9 +305,9 @@ _ENTRIES = (
         family="generative",
         kind="module",
         import_path="lit_methods.diffusion.Diffusion",
-        status="partial",
+        status="available",
         cpu_config="experiments/diffusion/diffusion_unet_digits.yaml",
-        note="latent variant (first-stage autoencoder) not yet included",
+        note="latent first stage: KL autoencoder with MSE only (no perceptual or GAN loss)",
     ),
     MethodEntry(
         slug="crossmax",

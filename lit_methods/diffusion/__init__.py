@@ -4,6 +4,7 @@ pseudo numerical samplers and the time-shift sampler."""
 from __future__ import annotations
 
 from lit_methods.diffusion.denoisers import MLPDenoiser
+from lit_methods.diffusion.first_stage import FirstStageAutoencoder, tiny_autoencoder
 from lit_methods.diffusion.fid import ClassifierFeatures
 from lit_methods.diffusion.module import SAMPLERS, Diffusion, make_sampler, tiny_unet
 from lit_methods.diffusion.pndm import PNDMSampler, transfer
@@ -15,6 +16,7 @@ __all__ = [
     "SAMPLERS",
     "ClassifierFeatures",
     "Diffusion",
+    "FirstStageAutoencoder",
     "MLPDenoiser",
     "make_sampler",
     "tiny_unet",
@@ -27,5 +29,6 @@ __all__ = [
     "make_alphas_cumprod",
     "make_betas",
     "select_shifted_timesteps",
+    "tiny_autoencoder",
     "transfer",
 ]
