@@ -4,7 +4,7 @@ pseudo numerical samplers and the time-shift sampler."""
 from __future__ import annotations
 
 from lit_methods.diffusion.denoisers import MLPDenoiser
-from lit_methods.diffusion.first_stage import FirstStageAutoencoder, tiny_autoencoder
+from lit_methods.diffusion.first_stage import FirstStageAutoencoder, KLAutoencoder
 from lit_methods.diffusion.fid import ClassifierFeatures
 from lit_methods.diffusion.module import SAMPLERS, Diffusion, make_sampler, tiny_unet
 from lit_methods.diffusion.pndm import PNDMSampler, transfer
@@ -17,6 +17,7 @@ __all__ = [
     "ClassifierFeatures",
     "Diffusion",
     "FirstStageAutoencoder",
+    "KLAutoencoder",
     "MLPDenoiser",
     "make_sampler",
     "tiny_unet",
@@ -29,6 +30,5 @@ __all__ = [
     "make_alphas_cumprod",
     "make_betas",
     "select_shifted_timesteps",
-    "tiny_autoencoder",
     "transfer",
 ]

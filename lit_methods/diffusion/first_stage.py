@@ -13,20 +13,35 @@ from torch import Tensor, nn
 from lit_methods.base import MethodBase, drop_object_hyperparameters
 from lit_methods.datamodules.batch import as_batch
 
-__all__ = ["FirstStageAutoencoder", "tiny_autoencoder"]
+__all__ = ["FirstStageAutoencoder", "KLAutoencoder"]
 
 
-def tiny_autoencoder(in_channels: int, channels: tuple[int, ...], latent_channels: int) -> nn.Module:
-    """A diffusers ``AutoencoderKL`` downsampling by 2 per level after the first (``len(channels) - 1`` times), one
-    block per level, no attention."""
-    from diffusers import AutoencoderKL
+class KLAutoencoder(nn.Module):
+    """A diffusers ``AutoencoderKL`` with typed arguments (so configs can give it): downsampling by 2 per level after
+    the first (``len(channels) - 1`` times), one block per level, no attention; ``encode``/``decode`` as diffusers'.
 
-    levels = len(channels)
-    return AutoencoderKL(in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
-                         down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=min(32, min(channels)),
-                         mid_block_add_attention=False)
+    Args:
+        in_channels: image channels (filled from the datamodule).
+        channels: channels per level.
+        latent_channels: channels of the latents.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64), latent_channels: int = 4) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        levels = len(channels)
+        self.vae = AutoencoderKL(in_channels=in_channels, out_channels=in_channels, block_out_channels=tuple(channels),
+                                 down_block_types=("DownEncoderBlock2D",) * levels,
+                                 up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1,
+                                 latent_channels=latent_channels, norm_num_groups=min(32, min(channels)),
+                                 mid_block_add_attention=False)
+
+    def encode(self, x: Tensor) -> Any:
+        return self.vae.encode(x)
+
+    def decode(self, z: Tensor) -> Any:
+        return self.vae.decode(z)
 
 
 class FirstStageAutoencoder(MethodBase):
@@ -35,7 +50,7 @@ class FirstStageAutoencoder(MethodBase):
     perceptual and adversarial losses of the paper's first stage are left out (tiny images).
 
     Args:
-        autoencoder: the autoencoder; default :func:`tiny_autoencoder` with the ``autoencoder_*`` arguments.
+        autoencoder: the autoencoder; default :class:`KLAutoencoder` with the ``autoencoder_*`` arguments.
         in_channels: image channels (filled from the datamodule).
         autoencoder_channels: channels per level of the default autoencoder.
         latent_channels: latent channels of the default autoencoder.
@@ -75,7 +90,7 @@ class FirstStageAutoencoder(MethodBase):
         drop_object_hyperparameters(self)
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
-        self.autoencoder = autoencoder or tiny_autoencoder(in_channels, autoencoder_channels, latent_channels)
+        self.autoencoder = autoencoder or KLAutoencoder(in_channels, autoencoder_channels, latent_channels)
         self.kl_weight = kl_weight
 
     def make_default_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

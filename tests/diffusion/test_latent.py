@@ -9,7 +9,7 @@ import torch
 
 from lit_methods.datamodules import DigitsDataModule
 from lit_methods.datamodules.digits import load_digits_uint8
-from lit_methods.diffusion import Diffusion, FirstStageAutoencoder, MLPDenoiser, tiny_autoencoder
+from lit_methods.diffusion import Diffusion, FirstStageAutoencoder, KLAutoencoder, MLPDenoiser
 
 PIXELS = {"mean": (0.3053,), "std": (0.3759,), "inputs_normalized": False}
 
@@ -33,7 +33,7 @@ def test_latent_diffusion_from_a_first_stage_checkpoint(tmp_path):
     batch = load_digits_uint8()[0][:64].float() / 255
     torch.manual_seed(1)
     before = float(first_stage.loss(batch)[0])
-    trainer = fit(first_stage, tmp_path, 15)
+    trainer = fit(first_stage, tmp_path, 8)
     torch.manual_seed(1)
     after = float(first_stage.loss(batch)[0])
     assert after < before
@@ -41,7 +41,7 @@ def test_latent_diffusion_from_a_first_stage_checkpoint(tmp_path):
     trainer.save_checkpoint(checkpoint)
 
     model = Diffusion(MLPDenoiser(2, 4, None, hidden=32, depth=1), in_channels=1, image_size=8, latent=True,
-                      autoencoder=tiny_autoencoder(1, (8, 16), 2), autoencoder_checkpoint=str(checkpoint),
+                      autoencoder=KLAutoencoder(1, (8, 16), 2), autoencoder_checkpoint=str(checkpoint),
                       sampling_steps=5, **PIXELS)
     assert model.space_shape == (2, 4, 4)
     for name, value in first_stage.autoencoder.state_dict().items():
@@ -58,5 +58,5 @@ def test_latent_without_an_autoencoder_is_refused():
     with pytest.raises(ValueError, match="autoencoder=None"):
         Diffusion(MLPDenoiser(1, 8), in_channels=1, image_size=8, latent=True, **PIXELS)
     with pytest.raises(ValueError, match="latent=True"):
-        Diffusion(MLPDenoiser(1, 8), in_channels=1, image_size=8, autoencoder=tiny_autoencoder(1, (8, 16), 2),
+        Diffusion(MLPDenoiser(1, 8), in_channels=1, image_size=8, autoencoder=KLAutoencoder(1, (8, 16), 2),
                   **PIXELS)
