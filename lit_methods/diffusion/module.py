@@ -393,7 +393,10 @@ class Diffusion(MethodBase):
             return None
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"{name}.png")
-        grid = make_grid(images.float().cpu(), nrow=max(1, int(len(images) ** 0.5)), padding=1)
+        images = images.float().cpu()
+        if images.shape[-1] < 32:  # tiny images (8x8 digits) are enlarged to be seen
+            images = F.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+        grid = make_grid(images, nrow=max(1, int(len(images) ** 0.5)), padding=2)
         save_image(grid, path)
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
