@@ -320,6 +320,9 @@ _ENTRIES = (
         family="generative",
         kind="module",
         import_path="lit_methods.diffusion.Diffusion",
+        status="available",
+        cpu_config="experiments/diffusion/diffusion_unet_digits.yaml",
+        note="latent first stage: KL autoencoder with MSE only (no perceptual or GAN loss)",
     ),
     MethodEntry(
         slug="crossmax",
@@ -529,6 +532,9 @@ _ENTRIES = (
         family="generative",
         kind="sampler",
         import_path="lit_methods.diffusion.TimeShiftSampler",
+        status="available",
+        cpu_config="experiments/time-shift/time-shift_mlp_digits.yaml",
+        note="on DDIM and DDPM (the official code's 'shift the target' variant)",
     ),
     MethodEntry(
         slug="cabage",
@@ -633,6 +639,9 @@ _ENTRIES = (
         family="generative",
         kind="sampler",
         import_path="lit_methods.diffusion.PNDMSampler",
+        status="available",
+        cpu_config="experiments/pndm/pndm_mlp_digits.yaml",
+        note="F-PNDM, S-PNDM and DDIM through the transfer part; FON not included",
     ),
     MethodEntry(
         slug="rd-prune",
