@@ -4,6 +4,7 @@ from lit_methods.distillation.augment import DSA, ZCAWhitening, flip_doubled
 from lit_methods.distillation.base import DistillationModule
 from lit_methods.distillation.datadam import DataDAM
 from lit_methods.distillation.dcc import DCC
+from lit_methods.distillation.experts import ExpertTrajectorySaver, load_expert_buffer
 from lit_methods.distillation.fyi import FYI, DistributionMatching
 from lit_methods.distillation.synset import (
     EvaluationSettings,
@@ -13,6 +14,7 @@ from lit_methods.distillation.synset import (
     save_synset,
     save_synset_grid,
 )
+from lit_methods.distillation.tesla import TESLA
 
 __all__ = [
     "DCC",
@@ -21,11 +23,14 @@ __all__ = [
     "DistillationModule",
     "DistributionMatching",
     "EvaluationSettings",
+    "ExpertTrajectorySaver",
     "FYI",
     "SyntheticSetEvaluator",
+    "TESLA",
     "ZCAWhitening",
     "evaluate_synset",
     "flip_doubled",
+    "load_expert_buffer",
     "load_synset",
     "save_synset",
     "save_synset_grid",

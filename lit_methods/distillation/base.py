@@ -8,7 +8,7 @@ FYI's DM) shares the machinery below and only defines how the synthetic images r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -86,6 +86,9 @@ class DistillationModule(MethodBase):
         image_size: image height and width (filled by the CLI).
         **kwargs: :class:`~lit_methods.base.MethodBase` (``optimizer``, ``mean``, ``std``, ``inputs_normalized``).
     """
+
+    #: whether the objective draws ``batch_real`` real images per class (TESLA reads experts instead)
+    draws_real_batches: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -211,12 +214,12 @@ class DistillationModule(MethodBase):
                 self.zca.fit(inputs)
             inputs = self.zca(inputs)
         indices = [torch.nonzero(labels == c).squeeze(1) for c in range(self.num_classes)]
-        needed = max(self.batch_real, self.ipc if self.hparams.init == "real" else 1)
+        needed = max(self.batch_real if self.draws_real_batches else 1, self.ipc if self.hparams.init == "real" else 1)
         short = {c: len(i) for c, i in enumerate(indices) if len(i) < needed}
         if short:
+            batch = f" / batch_real={self.batch_real}" if self.draws_real_batches else ""
             raise ValueError(
-                f"classes {short} have fewer real images than ipc={self.ipc} / batch_real={self.batch_real} "
-                f"(needs {needed} per class)"
+                f"classes {short} have fewer real images than ipc={self.ipc}{batch} (needs {needed} per class)"
             )
         self._real, self._class_indices = inputs, indices
         self._test_source = test_source
