@@ -197,6 +197,9 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.FYI",
+        status="available",
+        cpu_config="experiments/fyi/fyi_convnet_digits.yaml",
+        note="on DM; fyi flag also on DCC, DataDAM and TESLA",
     ),
     MethodEntry(
         slug="fedloge",
@@ -253,6 +256,9 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.TESLA",
+        status="available",
+        cpu_config="experiments/tesla/tesla_convnet_digits.yaml",
+        note="build the expert buffer first (tesla_experts_convnet_digits.yaml); no ZCA yet",
     ),
     MethodEntry(
         slug="randaugment",
@@ -340,6 +346,8 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.DCC",
+        status="available",
+        cpu_config="experiments/dcc/dcc_convnet_digits.yaml",
     ),
     MethodEntry(
         slug="tas",
@@ -529,6 +537,8 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.DataDAM",
+        status="available",
+        cpu_config="experiments/datadam/datadam_convnet_digits.yaml",
     ),
     MethodEntry(
         slug="subgroup-fairness",
