@@ -21,7 +21,9 @@ __all__ = ["main"]
 def main(args: Sequence[str] | None = None) -> tuple[float, float]:
     parser = argparse.ArgumentParser(prog="python -m lit_methods.distillation.evaluate", description=__doc__)
     parser.add_argument("synset", help="a synthetic-set .pt file")
-    parser.add_argument("--data", required=True, help="datamodule class path, e.g. lit_methods.datamodules.DigitsDataModule")
+    parser.add_argument(
+        "--data", required=True, help="datamodule class path, e.g. lit_methods.datamodules.DigitsDataModule"
+    )
     parser.add_argument("--data-dir", default="data")
     defaults = EvaluationSettings()
     parser.add_argument("--num-nets", type=int, default=defaults.num_nets)
@@ -37,7 +39,6 @@ def main(args: Sequence[str] | None = None) -> tuple[float, float]:
 
     module_name, _, class_name = options.data.rpartition(".")
     datamodule_class = getattr(importlib.import_module(module_name), class_name)
-    space_normalized = None
     synset = load_synset(options.synset)
     if synset["space"] not in ("normalized", "pixels", "zca"):
         raise ValueError(f"{options.synset}: unknown space {synset['space']!r}")

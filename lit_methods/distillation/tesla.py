@@ -150,11 +150,13 @@ class TESLA(DistillationModule):
         super().__init__(**kwargs)
         if self.zca is not None:
             raise ValueError("TESLA with zca=True needs experts trained on whitened data, which is not supported yet")
-        for name, value in (("syn_steps", syn_steps), ("expert_epochs", expert_epochs), ("max_start_epoch", max_start_epoch)):
+        counts = (("syn_steps", syn_steps), ("expert_epochs", expert_epochs), ("max_start_epoch", max_start_epoch))
+        for name, value in counts:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if batch_syn is not None and not 1 <= batch_syn <= self.num_classes * self.ipc:
-            raise ValueError(f"batch_syn must lie in [1, num_classes * ipc = {self.num_classes * self.ipc}], got {batch_syn}")
+            total = self.num_classes * self.ipc
+            raise ValueError(f"batch_syn must lie in [1, num_classes * ipc = {total}], got {batch_syn}")
         if self.fyi and batch_syn is not None and batch_syn < 2:
             raise ValueError(f"fyi halves batch_syn before doubling it: batch_syn must be >= 2, got {batch_syn}")
         if gradient_mode not in GRADIENT_MODES:

@@ -26,7 +26,9 @@ def _gm_loss(module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("cls", "loss_of"), [(DistributionMatching, _dm_loss), (DataDAM, _dm_loss), (DCC, _gm_loss)], ids=["dm", "datadam", "dcc"]
+    ("cls", "loss_of"),
+    [(DistributionMatching, _dm_loss), (DataDAM, _dm_loss), (DCC, _gm_loss)],
+    ids=["dm", "datadam", "dcc"],
 )
 def test_loss_is_invariant_to_flipping_one_image_only_with_fyi(cls, loss_of):
     """With a fixed net and real batches (one step's seeds, DSA off), mirroring one synthetic image leaves the loss
