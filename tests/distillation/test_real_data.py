@@ -16,10 +16,10 @@ from tests.distillation.helpers import EVALUATION, attached, distill
 
 IPCS = (1, 10)
 METHODS = {
-    "datadam": (DataDAM, {"batch_real": 32}, 40),
-    "fyi": (FYI, {"batch_real": 32}, 40),
-    "dcc": (DCC, {"batch_real": 32, "inner_loop": 1, "inner_epochs": 0, "outer_warmup": 0}, 30),
-    "tesla": (TESLA, {"syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 2, "lr": 100.0, "lr_lr": 1e-5}, 30),
+    "datadam": (DataDAM, {"batch_real": 64}, 60),
+    "fyi": (FYI, {"batch_real": 64}, 60),
+    "dcc": (DCC, {"batch_real": 32, "inner_loop": 1, "inner_epochs": 0, "outer_warmup": 0}, 40),
+    "tesla": (TESLA, {"syn_steps": 10, "expert_epochs": 2, "max_start_epoch": 2, "lr": 100.0, "lr_lr": 1e-5}, 40),
 }
 MEASURED: dict[tuple[str, int], tuple[float, float]] = {}
 
