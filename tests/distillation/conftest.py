@@ -11,7 +11,7 @@ import torch
 from lit_methods import ImageClassifier
 from lit_methods.distillation.experts import ExpertTrajectorySaver
 from lit_methods.nets import ConvNet
-from tests.distillation.helpers import TINY_NET, digits
+from tests.distillation.helpers import TINY_NET, digits, one_intra_op_thread
 from tests.helpers import cpu_trainer
 
 EXPERTS = 2
@@ -21,7 +21,6 @@ EXPERT_EPOCHS = 4
 def train_expert(buffer: Path, seed: int, width: int = TINY_NET["net_width"], epochs: int = EXPERT_EPOCHS) -> None:
     """One expert as the buffer config trains it: the tiny ConvNet, SGD 0.01 without momentum (MTT's buffer.py)."""
     L.seed_everything(seed, verbose=False)
-    torch.set_num_threads(1)
     backbone = ConvNet(num_classes=10, in_channels=1, depth=TINY_NET["net_depth"], width=width, image_size=8)
     classifier = ImageClassifier(
         backbone, lr=0.01, momentum=0.0, weight_decay=0.0, nesterov=False, lr_schedule="constant"
@@ -33,8 +32,9 @@ def train_expert(buffer: Path, seed: int, width: int = TINY_NET["net_width"], ep
 @pytest.fixture(scope="session")
 def expert_buffer(tmp_path_factory) -> Path:
     buffer = tmp_path_factory.mktemp("experts")
-    for seed in range(EXPERTS):
-        train_expert(buffer, seed)
+    with one_intra_op_thread():
+        for seed in range(EXPERTS):
+            train_expert(buffer, seed)
     return buffer
 
 

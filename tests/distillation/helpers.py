@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -13,6 +15,18 @@ from lit_methods.distillation import DistillationModule, EvaluationSettings
 TINY_NET = dict(num_classes=10, in_channels=1, image_size=8, net_depth=2, net_width=16)
 # the shared evaluation setting of the family's real-data checks: 3 small ConvNets, 150 epochs, DSA
 EVALUATION = EvaluationSettings(num_nets=3, epochs=150, batch_size=256, depth=2, width=32, seed=0)
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """One intra-op thread for fixtures wider than a test (the autouse per-test fixture runs after them): tiny nets
+    on a shared CPU run many times faster; the previous count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @cache
@@ -40,6 +54,5 @@ def distill(module: DistillationModule, steps: int) -> DistillationModule:
     from tests.helpers import cpu_trainer
 
     trainer = cpu_trainer(max_steps=steps, max_epochs=-1, limit_train_batches=1.0)
-    torch.set_num_threads(1)
     trainer.fit(module, datamodule=digits())
     return module
