@@ -197,6 +197,9 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.FYI",
+        status="available",
+        cpu_config="experiments/fyi/fyi_convnet_digits.yaml",
+        note="on DM; fyi flag also on DCC, DataDAM and TESLA",
     ),
     MethodEntry(
         slug="fedloge",
@@ -259,6 +262,9 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.TESLA",
+        status="available",
+        cpu_config="experiments/tesla/tesla_convnet_digits.yaml",
+        note="build the expert buffer first (tesla_experts_convnet_digits.yaml); no ZCA yet",
     ),
     MethodEntry(
         slug="randaugment",
@@ -364,6 +370,8 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.DCC",
+        status="available",
+        cpu_config="experiments/dcc/dcc_convnet_digits.yaml",
     ),
     MethodEntry(
         slug="tas",
@@ -587,6 +595,8 @@ _ENTRIES = (
         family="dataset distillation",
         kind="module",
         import_path="lit_methods.distillation.DataDAM",
+        status="available",
+        cpu_config="experiments/datadam/datadam_convnet_digits.yaml",
     ),
     MethodEntry(
         slug="subgroup-fairness",

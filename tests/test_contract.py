@@ -120,9 +120,26 @@ OVERRIDES = {
     ],
     # Prune at the second epoch, i.e. right at the resumed checkpoint, so the round trip covers a pruning step.
     "rd-prune": [*DEFAULT_OVERRIDES, "--model.pretrain_epochs=1"],
+    # The distillation configs' evaluator trains fresh nets on the synthetic set when a run ends (3 nets x 300
+    # epochs); the contract checks the distillation itself, so it runs without the callbacks.
+    "datadam": [*DEFAULT_OVERRIDES, "--trainer.callbacks=[]"],
+    "fyi": [*DEFAULT_OVERRIDES, "--trainer.callbacks=[]"],
+    # DCC takes inner_loop image steps (optimizer steps) per training step; the contract counts one per step.
+    "dcc": [*DEFAULT_OVERRIDES, "--trainer.callbacks=[]", "--model.inner_loop=1"],
+    # TESLA reads the expert buffer its first stage writes (FIRST_STAGE_CONFIGS: 3 epochs of 2 batches).
+    "tesla": [*DEFAULT_OVERRIDES, "--trainer.callbacks=[]", "--model.max_start_epoch=1"],
 }
 # Entries whose CPU config reads the checkpoint that another entry's CPU config writes: one step of that one first.
 FIRST_STAGE = {"linear-eval": "simclr"}
+# Entries whose CPU config reads what a config of their own first stage writes (not a registry entry): its arguments.
+FIRST_STAGE_CONFIGS = {
+    "tesla": [
+        "--config=experiments/tesla/tesla_experts_convnet_digits.yaml",
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=3",
+        "--trainer.limit_train_batches=2",
+    ]
+}
 
 
 class ContractRecorder(Callback):
@@ -191,6 +208,10 @@ def check_contract(entry: MethodEntry, tmp_path: Path, capsys: pytest.CaptureFix
     implementation = import_method(entry.slug)
     if entry.slug in FIRST_STAGE:
         fit(METHODS[FIRST_STAGE[entry.slug]], stop_after_steps=1)
+    if entry.slug in FIRST_STAGE_CONFIGS:
+        config, *stage_args = FIRST_STAGE_CONFIGS[entry.slug]
+        flag, _, path = config.partition("=")
+        LitMethodsCLI(args=["fit", flag, str(REPO / path), *TINY, *stage_args])
 
     interrupted, recorder = fit(entry, stop_after_steps=CHECKPOINT_STEP)
     assert uses(interrupted, implementation), f"{entry.cpu_config} does not build {entry.import_path}"
