@@ -53,3 +53,11 @@ def in_tmp_dir(tmp_path, monkeypatch) -> Iterator[os.PathLike]:
     """Run the test with the working directory in a fresh temporary folder (logs and checkpoints land there)."""
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the files holding real-data (``slow``) or 2-process (``ddp``) checks first, keeping the order otherwise:
+    with one pytest-xdist worker per core and each file on one worker (``make test``), the long files then start
+    early and the short ones fill the gaps, instead of one long file finishing alone at the end."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("ddp")}
+    items.sort(key=lambda item: item.path not in heavy)
