@@ -47,12 +47,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
+# Processes start from a fork server that has imported these once (per test process), not from a fresh interpreter
+# that imports torch and Lightning again for every rank of every test: a clean start like "spawn" (the server has run
+# no computation, so no threads or process group leak into the ranks), at a fraction of the cost.
+_PRELOAD = ["torch", "lightning", "lit_methods", "lit_methods.datamodules", "lit_methods.callbacks"]
+
+
 def run_distributed(fn: Callable, *args: Any, world_size: int = 2, timeout: float = 300.0) -> list[Any]:
-    """Call ``fn(*args)`` in ``world_size`` spawned processes; returns the results ordered by rank.
+    """Call ``fn(*args)`` in ``world_size`` new processes; returns the results ordered by rank.
 
     ``fn`` must be importable (defined at module level); it reads its rank from ``os.environ["RANK"]``.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
