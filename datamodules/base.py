@@ -40,7 +40,7 @@ from lit_methods.datamodules.transforms import (
     randaugment,
 )
 
-__all__ = ["ArrayImageDataset", "InMemoryVisionDataModule", "VisionDataModule", "split_indices"]
+__all__ = ["ArrayImageDataset", "InMemoryVisionDataModule", "VisionDataModule", "WrappingDataModule", "split_indices"]
 
 
 def split_indices(num_samples: int, val_split: int | float, seed: int) -> tuple[Tensor, Tensor]:
@@ -593,3 +593,37 @@ def constructor_default(cls: type, name: str) -> Any:
 
 def _as_plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+class WrappingDataModule(L.LightningDataModule):
+    """Base of the datamodules that wrap an :class:`InMemoryVisionDataModule` (``self.datamodule``) and change how it
+    trains: the data facts the CLI links into the model (``num_classes``, ``in_channels``, ``image_size``, ``mean``,
+    ``std``, ``inputs_normalized``) are those of the wrapped datamodule."""
+
+    def __init__(self, datamodule: InMemoryVisionDataModule) -> None:
+        super().__init__()
+        self.datamodule = datamodule
+
+    @property
+    def num_classes(self) -> int:
+        return self.datamodule.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.datamodule.in_channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.datamodule.image_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.datamodule.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.datamodule.std
+
+    @property
+    def inputs_normalized(self) -> bool:
+        return self.datamodule.inputs_normalized

@@ -29,11 +29,10 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule, WrappingDataModule
 from lit_methods.datamodules.batch import INPUTS, TARGETS
 
 __all__ = ["FixedBatches", "HardBatchDataModule", "HardBatchLoader", "HardBatchSelector"]
@@ -258,7 +257,7 @@ class HardBatchLoader:
         self.counted_before = position["counted_before"]
 
 
-class HardBatchDataModule(L.LightningDataModule):
+class HardBatchDataModule(WrappingDataModule):
     """Trains on fixed mini-batches of ``datamodule`` with DyBAT's hard-batch re-training; evaluation is unchanged.
 
     Training batches are ``{"inputs": images, "targets": labels, "batch_id": id}``; the module training on them calls
@@ -276,7 +275,7 @@ class HardBatchDataModule(L.LightningDataModule):
     """
 
     def __init__(self, datamodule: InMemoryVisionDataModule, delta: float = 0.5, shuffle: bool = False) -> None:
-        super().__init__()
+        super().__init__(datamodule)
         if not isinstance(datamodule, InMemoryVisionDataModule) or not datamodule.fast_loader:
             raise ValueError(
                 f"HardBatchDataModule needs an InMemoryVisionDataModule with fast_loader=True, got {datamodule!r}"
@@ -285,7 +284,6 @@ class HardBatchDataModule(L.LightningDataModule):
             raise ValueError(f"ssl_views={datamodule.ssl_views}: hard-batch training is supervised")
         if not 0.0 < delta <= 1.0:
             raise ValueError(f"delta must lie in (0, 1], got {delta}")
-        self.datamodule = datamodule
         self.delta = delta
         self.shuffle = shuffle
         self.fixed: FixedBatches | None = None
@@ -293,31 +291,6 @@ class HardBatchDataModule(L.LightningDataModule):
         self._pending_state: dict[str, Any] | None = None
         self.loader: HardBatchLoader | None = None
         self._pending_position: dict[str, Any] | None = None
-
-    # -- the data facts of the wrapped dataset ----------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return self.datamodule.num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return self.datamodule.in_channels
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.datamodule.image_size
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.datamodule.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.datamodule.std
-
-    @property
-    def inputs_normalized(self) -> bool:
-        return self.datamodule.inputs_normalized
 
     # -- what the training module calls ------------------------------------------------------------------------
     def record_batch_losses(self, batch_ids: Tensor, losses: Tensor) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule, WrappingDataModule
 from lit_methods.datamodules.batch import INPUTS, TARGETS
 
 __all__ = [
@@ -144,7 +144,7 @@ class CUDATransform:
         return out
 
 
-class CUDAUnlearnableDataModule(L.LightningDataModule):
+class CUDAUnlearnableDataModule(WrappingDataModule):
     """``datamodule`` with its training split made unlearnable by :class:`CUDATransform` (applied once, in
     ``setup``, to the raw ``uint8`` images before any augmentation or normalisation); validation and test splits
     stay clean. ``num_classes``, ``in_channels``, ``image_size``, ``mean``, ``std`` and ``inputs_normalized`` are
@@ -177,36 +177,11 @@ class CUDAUnlearnableDataModule(L.LightningDataModule):
         mix: float = 1.0,
         class_wise: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(datamodule)
         if not isinstance(datamodule, InMemoryVisionDataModule):
             raise ValueError(f"CUDAUnlearnableDataModule wraps an InMemoryVisionDataModule, got {datamodule!r}")
-        self.datamodule = datamodule
         self.transform = CUDATransform(datamodule.num_classes, key, kernel_size, blur, center, mix, class_wise)
         self.clean_train_images: Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.datamodule.num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return self.datamodule.in_channels
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.datamodule.image_size
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.datamodule.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.datamodule.std
-
-    @property
-    def inputs_normalized(self) -> bool:
-        return self.datamodule.inputs_normalized
 
     @property
     def train_images(self) -> Tensor | None:

@@ -272,6 +272,18 @@ class DistillationModule(MethodBase):
         syn = self.dsa(syn, self.generator(3, seed_salt), siamese=True)
         return real, syn
 
+    def augmented_class_batches(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per class, ``batch_real`` real images and the synthetic batch after Siamese DSA: the inputs of the
+        distribution-style losses (DM, DataDAM), one list entry per class."""
+        generator = self.generator(0)
+        real, syn = [], []
+        for c in range(self.num_classes):
+            real_c = self.real_images(c, self.batch_real, generator)
+            real_c, syn_c = self.augment_pair(real_c, self.synthetic_batch(c)[0], c)
+            real.append(real_c)
+            syn.append(syn_c)
+        return real, syn
+
     def synthetic_batch(self, c: int) -> tuple[Tensor, Tensor]:
         """Class ``c``'s synthetic images and labels as the matching step uses them (mirror-doubled with FYI)."""
         images, labels = self.image_syn[self.class_slice(c)], self.label_syn[self.class_slice(c)]

@@ -87,11 +87,5 @@ class DataDAM(DistillationModule):
     def matching_loss(self) -> Tensor:
         net = self.random_net()
         net.train().requires_grad_(False)
-        generator = self.generator(0)
-        real, syn = [], []
-        for c in range(self.num_classes):
-            real_c = self.real_images(c, self.batch_real, generator)
-            real_c, syn_c = self.augment_pair(real_c, self.synthetic_batch(c)[0], c)
-            real.append(real_c)
-            syn.append(syn_c)
+        real, syn = self.augmented_class_batches()
         return self.attention_matching_loss(net, real, syn)
