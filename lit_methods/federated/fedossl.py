@@ -135,6 +135,7 @@ class FedoSSL(FederatedMethod, ImageClassifier):
     """
 
     slug: ClassVar[str] = "fedossl"
+    backbone_output = "features"
     private_prefixes: ClassVar[tuple[str, ...]] = ("memory", "labelled_sum", "labelled_count", "uncertainty")
     not_averaged: ClassVar[tuple[str, ...]] = ("centroids", "local_centroids")
 
@@ -198,12 +199,6 @@ class FedoSSL(FederatedMethod, ImageClassifier):
         self.register_buffer("labelled_sum", torch.zeros(self.num_classes, dim))
         self.register_buffer("labelled_count", torch.zeros(self.num_classes))
         self.round_index = 0
-
-    @torch.no_grad()
-    def check_backbone_output(self) -> None:
-        out = self.backbone.forward_features(torch.zeros(2, self.in_channels, *self.image_size))
-        if out.shape != (2, self.backbone.num_features):
-            raise ValueError(f"the backbone gives features of shape {tuple(out.shape[1:])}, not ({self.backbone.num_features},)")
 
     # -- model --------------------------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
