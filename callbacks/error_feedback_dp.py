@@ -132,7 +132,12 @@ class ErrorFeedbackDP(Callback):
       exactly, so it is not implemented.
     - ``"official_code_log_epochs_heuristic"``: the official code's accounting, each step counted as
       ``accountant_steps_per_step`` DP-SGD steps (default ``max(1, floor(ln E))`` for ``E`` planned epochs). It does
-      not depend on ``C2`` nor on the unclipped history: a heuristic, *not* a privacy guarantee.
+      not depend on ``C2`` nor on the unclipped history: a heuristic, *not* a privacy guarantee. The official code
+      (github.com/564612540/DiceSGD) changed it over time: ``floor(ln E)`` (ours) in ``DiceSGD/optimizers.py`` until
+      commit 246fcd2 removed that file; at 246fcd2 (the newest) its GLUE and regression scripts count
+      ``floor(ln E) + 1`` (set ``accountant_steps_per_step`` to follow them), its CIFAR script no extra steps, and
+      all of them draw one noise of std ``sigma C1 sqrt(1 + 2 C2 / C1)`` (its ``C2`` is a ratio to ``C1``) where we
+      draw two, of std ``sigma C1`` and ``sigma C2``.
 
     ``dp/epsilon_dpsgd`` reports the DPSGD-GC bound of the same steps for comparison (not a guarantee for DiceSGD).
 
