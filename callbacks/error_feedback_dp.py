@@ -169,8 +169,9 @@ class ErrorFeedbackDP(Callback):
     all-reduce, and every rank draws the same noise from the callback's generator (same seed and state), so the
     update equals the single-process update on the same global batch.
 
-    Cost (``benchmarks/dp_step.py``, GroupNorm ResNet-20, batch 64, CPU): a DiceSGD step with book-keeping per-sample
-    clipping takes 1.9x a non-private step and 0.7x an opacus ``GradSampleModule`` step.
+    Cost (``benchmarks/dp_step.py``, GroupNorm ResNet-20, batch 64, 2-core CPU, quiet run): a book-keeping step takes
+    1.40x (DiceSGD) and 1.28x (DPSGD-GC) a non-private step, 0.73x and 0.67x an opacus ``GradSampleModule`` step;
+    most of the privatize part is the per-sample convolution weight gradients (see ``benchmarks/README.md``).
 
     Args:
         clip_norm: per-sample clipping threshold ``C1`` (``> 0``; ``inf`` disables clipping).
