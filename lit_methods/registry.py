@@ -230,9 +230,9 @@ _ENTRIES = (
         family="unlearning",
         kind="module",
         import_path="lit_methods.unlearning.WorstCaseForget",
-        status="partial",
+        status="available",
         cpu_config="experiments/worst-case-forget/worst-case-forget_convnet_digits.yaml",
-        note="judged with retrain, FT, GA, RL and l1-sparse; IU, boundary, SCRUB and EU/CF not written",
+        note="lower level FT only (no RL/EU/boundary/SCRUB lower-level variants); IU's Fisher inverse exact",
     ),
     MethodEntry(
         slug="projection-head",
