@@ -553,7 +553,7 @@ _ENTRIES = (
         import_path="lit_methods.extraction.CaBaGe",
         status="partial",
         cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
-        note="agreement above DisGUIDE-lite on digits, query-label entropy not; design read from the abstract",
+        note="agreement above DisGUIDE-lite on digits, label entropy only on average; paper body/code unread",
     ),
     MethodEntry(
         slug="nmc-baseline",
