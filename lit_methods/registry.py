@@ -230,9 +230,9 @@ _ENTRIES = (
         family="unlearning",
         kind="module",
         import_path="lit_methods.unlearning.WorstCaseForget",
-        status="partial",
+        status="available",
         cpu_config="experiments/worst-case-forget/worst-case-forget_convnet_digits.yaml",
-        note="judged with retrain, FT, GA, RL and l1-sparse; IU, boundary, SCRUB and EU/CF not written",
+        note="lower level FT only (no RL/EU/boundary/SCRUB lower-level variants); IU's Fisher inverse exact",
     ),
     MethodEntry(
         slug="projection-head",
@@ -553,7 +553,7 @@ _ENTRIES = (
         import_path="lit_methods.extraction.CaBaGe",
         status="partial",
         cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
-        note="agreement above DisGUIDE-lite on digits, query-label entropy not; design read from the abstract",
+        note="agreement above DisGUIDE-lite on digits, label entropy only on average; paper body/code unread",
     ),
     MethodEntry(
         slug="nmc-baseline",
