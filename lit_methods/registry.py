@@ -551,9 +551,9 @@ _ENTRIES = (
         family="model extraction",
         kind="module",
         import_path="lit_methods.extraction.CaBaGe",
-        status="partial",
+        status="available",
         cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
-        note="agreement above DisGUIDE-lite on digits, label entropy only on average; paper body/code unread",
+        note="built from the abstract and DisGUIDE's code (paper body, official code not found)",
     ),
     MethodEntry(
         slug="nmc-baseline",
