@@ -1,7 +1,7 @@
 """LightningDataModules of lit-methods: CIFAR, ImageNet and their variants, Fashion-MNIST and digits."""
 
 from lit_methods.datamodules.batch import Batch, as_batch
-from lit_methods.datamodules.base import InMemoryVisionDataModule, VisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule, VisionDataModule, WrappingDataModule
 from lit_methods.datamodules.cifar import CIFAR10DataModule, CIFAR10LTDataModule, CIFAR100DataModule, CIFAR100LTDataModule
 from lit_methods.datamodules.cifar_subgroups import CIFAR10BDataModule, CIFAR100BDataModule
 from lit_methods.datamodules.digits import DigitsDataModule
@@ -34,6 +34,7 @@ __all__ = [
     "ImageNet100DataModule",
     "ImageNetDataModule",
     "InMemoryVisionDataModule",
+    "WrappingDataModule",
     "OpenWorldFederatedDataModule",
     "TinyImageNetDataModule",
     "VisionDataModule",

@@ -603,6 +603,8 @@ class WrappingDataModule(L.LightningDataModule):
 
     def __init__(self, datamodule: InMemoryVisionDataModule) -> None:
         super().__init__()
+        if not isinstance(datamodule, InMemoryVisionDataModule):
+            raise ValueError(f"{type(self).__name__} wraps an InMemoryVisionDataModule, got {datamodule!r}")
         self.datamodule = datamodule
 
     @property
@@ -630,8 +632,20 @@ class WrappingDataModule(L.LightningDataModule):
         return self.datamodule.inputs_normalized
 
     @property
+    def train_images(self) -> Tensor | None:
+        return self.datamodule.train_images
+
+    @property
     def train_labels(self) -> Tensor | None:
         return self.datamodule.train_labels
+
+    @property
+    def test_images(self) -> Tensor | None:
+        return self.datamodule.test_images
+
+    @property
+    def test_labels(self) -> Tensor | None:
+        return self.datamodule.test_labels
 
     def to_inputs(self, pixels: Tensor) -> Tensor:
         return self.datamodule.to_inputs(pixels)

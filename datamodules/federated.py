@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
-from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.base import InMemoryVisionDataModule, WrappingDataModule
 from lit_methods.datamodules.fast import InMemoryBatchLoader, ShardedEpochSampler
 
 __all__ = [
@@ -113,7 +112,7 @@ def sample_round_clients(num_clients: int, clients_per_round: int | float, seed:
     return sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False))
 
 
-class FederatedDataModule(L.LightningDataModule):
+class FederatedDataModule(WrappingDataModule):
     """A federation over an in-memory dataset: client shards, local test sets and per-round client sampling.
 
     Training yields the batches of one client's shard (:attr:`client`, set by :meth:`select`), or of every shard
@@ -149,11 +148,9 @@ class FederatedDataModule(L.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if not isinstance(dataset, InMemoryVisionDataModule) or not dataset.fast_loader:
-            raise ValueError(
-                f"FederatedDataModule needs an InMemoryVisionDataModule with fast_loader=True, got {dataset!r}"
-            )
+        super().__init__(dataset)
+        if not dataset.fast_loader:
+            raise ValueError(f"FederatedDataModule needs a datamodule with fast_loader=True, got {dataset!r}")
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         if partition not in ("dirichlet", "iid"):
@@ -170,7 +167,6 @@ class FederatedDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.dataset = dataset
         self.num_clients = num_clients
         self.partition = partition
         self.alpha = alpha
@@ -184,30 +180,10 @@ class FederatedDataModule(L.LightningDataModule):
         self.shards: list[Tensor] | None = None
         self.select(client, 0)
 
-    # -- the data facts of the wrapped dataset ----------------------------------------------------------------
     @property
-    def num_classes(self) -> int:
-        return self.dataset.num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return self.dataset.in_channels
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.dataset.image_size
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return self.dataset.mean
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return self.dataset.std
-
-    @property
-    def inputs_normalized(self) -> bool:
-        return self.dataset.inputs_normalized
+    def dataset(self) -> InMemoryVisionDataModule:
+        """The wrapped dataset (``datamodule`` of :class:`~lit_methods.datamodules.base.WrappingDataModule`)."""
+        return self.datamodule
 
     # -- the federation -----------------------------------------------------------------------------------------
     def select(self, client: int | None, round_index: int) -> None:
@@ -271,12 +247,8 @@ class FederatedDataModule(L.LightningDataModule):
         return InMemoryBatchLoader(images, labels, sampler, pin_memory=self.dataset.pin_memory, extras=extras)
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        self.dataset.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.dataset.trainer = self.trainer
-        self.dataset.setup(stage)
+        super().setup(stage)
         if self.shards is None and self.dataset.train_labels is not None:
             labels = self.dataset.train_labels
             if self.partition == "iid":
@@ -295,15 +267,6 @@ class FederatedDataModule(L.LightningDataModule):
         images, labels = self.dataset.train_images, self._train_labels()
         return self._loader(images[index], labels[index], train=True, extras={"client": owner})
 
-    def val_dataloader(self) -> Any:
-        return self.dataset.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.dataset.test_dataloader()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The wrapped dataset's augmentation and normalization; the ``client`` field passes through."""
-        return self.dataset.on_after_batch_transfer(batch, dataloader_idx)
 
 
 def open_world_partition(

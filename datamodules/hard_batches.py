@@ -276,10 +276,8 @@ class HardBatchDataModule(WrappingDataModule):
 
     def __init__(self, datamodule: InMemoryVisionDataModule, delta: float = 0.5, shuffle: bool = False) -> None:
         super().__init__(datamodule)
-        if not isinstance(datamodule, InMemoryVisionDataModule) or not datamodule.fast_loader:
-            raise ValueError(
-                f"HardBatchDataModule needs an InMemoryVisionDataModule with fast_loader=True, got {datamodule!r}"
-            )
+        if not datamodule.fast_loader:
+            raise ValueError(f"HardBatchDataModule needs a datamodule with fast_loader=True, got {datamodule!r}")
         if datamodule.ssl_views:
             raise ValueError(f"ssl_views={datamodule.ssl_views}: hard-batch training is supervised")
         if not 0.0 < delta <= 1.0:

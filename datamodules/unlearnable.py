@@ -178,15 +178,8 @@ class CUDAUnlearnableDataModule(WrappingDataModule):
         class_wise: bool = True,
     ) -> None:
         super().__init__(datamodule)
-        if not isinstance(datamodule, InMemoryVisionDataModule):
-            raise ValueError(f"CUDAUnlearnableDataModule wraps an InMemoryVisionDataModule, got {datamodule!r}")
         self.transform = CUDATransform(datamodule.num_classes, key, kernel_size, blur, center, mix, class_wise)
         self.clean_train_images: Tensor | None = None
-
-    @property
-    def train_images(self) -> Tensor | None:
-        """The poisoned training split (after ``setup``)."""
-        return self.datamodule.train_images
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
