@@ -521,7 +521,7 @@ _ENTRIES = (
         import_path="lit_methods.robustness.AdversarialFineTune",
         status="partial",
         cpu_config="experiments/adv-finetune/adv-finetune_convnet_digits.yaml",
-        note="the slow-start fast-decay schedule's constants are unconfirmed (ours)",
+        note="schedule constants unconfirmed (no official code); beats a constant LR only at high peak LR",
     ),
     MethodEntry(
         slug="ghost-bn",
