@@ -26,7 +26,8 @@ non-private <= 1.3x, ErrorFeedbackDP / opacus <= 0.6x.
 
 After the ratios, the book-keeping steps are timed part by part (forward, backward with the recording hooks,
 ``privatized_gradients_from_backward``: per-sample norms, ghost or materialized per layer, clipped and raw sums,
-feedback and noise; optimizer step), to show where the time goes.
+feedback and noise; optimizer step), and one DPSGD-GC ``privatized_gradients_from_backward`` call is broken down
+by operator with ``torch.profiler``, to show where the time goes.
 
 Run: ``python benchmarks/dp_step.py`` (``--steps 2 --repeats 1`` for a quick check); ``--device cuda`` on a GPU.
 On CPU, glibc's malloc hands the freed per-sample gradients (tens of MB) back to the system every step and the next
@@ -134,6 +135,29 @@ def book_keeping_parts(device: torch.device, error_feedback: bool, batches: list
             for values in parts.values():
                 values.clear()
     return {part: statistics.median(values) for part, values in parts.items()}
+
+
+def privatize_by_operator(device: torch.device, error_feedback: bool, batch: tuple, rows: int = 8) -> str:
+    """torch.profiler's table of the ``rows`` costliest operators (by self time, grouped by input shapes) of one
+    ``privatized_gradients_from_backward`` call, after one untimed step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = make_model(device)
+    dp = ErrorFeedbackDP(clip_norm=1.0, noise_multiplier=1.0, error_feedback=error_feedback)
+    dp.attach_book_keeping(model, parameter_gradients=False)
+    images, targets = batch
+    for index in range(2):
+        model.compute_loss(model(images), targets).backward()
+        if index == 0:
+            dp.privatized_gradients_from_backward(model)
+            dp.steps += 1
+            continue
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as profiler:
+            dp.privatized_gradients_from_backward(model)
+            synchronize(device)
+    averages = profiler.key_averages(group_by_input_shape=True)
+    return averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=28, max_shapes_column_width=60)
 
 
 def opacus_step(device: torch.device, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
@@ -247,6 +271,9 @@ def main() -> None:
         parts = book_keeping_parts(device, error_feedback, batches, args.repeats)
         shares = ", ".join(f"{part} {value:.4f} ({value / best['non-private']:.2f}x)" for part, value in parts.items())
         print(f"  {label}: {shares}")
+    print("DPSGD-GC privatize step by operator (torch.profiler, one step; the per-sample weight gradients of the")
+    print("convolutions are the convolution_backward rows of batch 1 and B * C_out channels):")
+    print(privatize_by_operator(device, False, batches[1]))
 
 
 if __name__ == "__main__":

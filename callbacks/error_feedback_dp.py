@@ -132,7 +132,12 @@ class ErrorFeedbackDP(Callback):
       exactly, so it is not implemented.
     - ``"official_code_log_epochs_heuristic"``: the official code's accounting, each step counted as
       ``accountant_steps_per_step`` DP-SGD steps (default ``max(1, floor(ln E))`` for ``E`` planned epochs). It does
-      not depend on ``C2`` nor on the unclipped history: a heuristic, *not* a privacy guarantee.
+      not depend on ``C2`` nor on the unclipped history: a heuristic, *not* a privacy guarantee. The official code
+      (github.com/564612540/DiceSGD) changed it over time: ``floor(ln E)`` (ours) in ``DiceSGD/optimizers.py`` until
+      commit 246fcd2 removed that file; at 246fcd2 (the newest) its GLUE and regression scripts count
+      ``floor(ln E) + 1`` (set ``accountant_steps_per_step`` to follow them), its CIFAR script no extra steps, and
+      all of them draw one noise of std ``sigma C1 sqrt(1 + 2 C2 / C1)`` (its ``C2`` is a ratio to ``C1``) where we
+      draw two, of std ``sigma C1`` and ``sigma C2``.
 
     ``dp/epsilon_dpsgd`` reports the DPSGD-GC bound of the same steps for comparison (not a guarantee for DiceSGD).
 
@@ -164,8 +169,9 @@ class ErrorFeedbackDP(Callback):
     all-reduce, and every rank draws the same noise from the callback's generator (same seed and state), so the
     update equals the single-process update on the same global batch.
 
-    Cost (``benchmarks/dp_step.py``, GroupNorm ResNet-20, batch 64, CPU): a DiceSGD step with book-keeping per-sample
-    clipping takes 1.9x a non-private step and 0.7x an opacus ``GradSampleModule`` step.
+    Cost (``benchmarks/dp_step.py``, GroupNorm ResNet-20, batch 64, 2-core CPU, quiet run): a book-keeping step takes
+    1.40x (DiceSGD) and 1.28x (DPSGD-GC) a non-private step, 0.73x and 0.67x an opacus ``GradSampleModule`` step;
+    most of the privatize part is the per-sample convolution weight gradients (see ``benchmarks/README.md``).
 
     Args:
         clip_norm: per-sample clipping threshold ``C1`` (``> 0``; ``inf`` disables clipping).

@@ -598,7 +598,8 @@ def _as_plain(value: Any) -> Any:
 class WrappingDataModule(L.LightningDataModule):
     """Base of the datamodules that wrap an :class:`InMemoryVisionDataModule` (``self.datamodule``) and change how it
     trains: the data facts the CLI links into the model (``num_classes``, ``in_channels``, ``image_size``, ``mean``,
-    ``std``, ``inputs_normalized``) are those of the wrapped datamodule."""
+    ``std``, ``inputs_normalized``), the evaluation loaders and the on-device augmentation/normalization are those of
+    the wrapped datamodule. Subclasses override ``train_dataloader`` and extend ``setup``."""
 
     def __init__(self, datamodule: InMemoryVisionDataModule) -> None:
         super().__init__()
@@ -627,3 +628,33 @@ class WrappingDataModule(L.LightningDataModule):
     @property
     def inputs_normalized(self) -> bool:
         return self.datamodule.inputs_normalized
+
+    @property
+    def train_labels(self) -> Tensor | None:
+        return self.datamodule.train_labels
+
+    def to_inputs(self, pixels: Tensor) -> Tensor:
+        return self.datamodule.to_inputs(pixels)
+
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+
+    def train_dataloader(self) -> Any:
+        return self.datamodule.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.datamodule.val_dataloader()
+
+    def test_dataloader(self) -> Any:
+        return self.datamodule.test_dataloader()
+
+    def predict_dataloader(self) -> Any:
+        return self.datamodule.predict_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The wrapped datamodule's on-device augmentation/normalization (extra batch fields pass through)."""
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)

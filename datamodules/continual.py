@@ -1,7 +1,9 @@
 """Class-incremental streams: a dataset's classes cut into tasks that are trained one after another.
 
 :class:`ClassIncrementalDataModule` wraps any :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` (digits,
-Fashion-MNIST, CIFAR-10/100, Tiny-ImageNet, ImageNet-32 ...). The classes are put in an order (given, or a seeded
+Fashion-MNIST, CIFAR-10/100, Tiny-ImageNet, ImageNet-32 ...) or a folder-read
+:class:`~lit_methods.datamodules.imagenet.ImageNetDataModule` (ImageNet, ImageNet-100, any class-list subset), whose
+tasks are class-subset views (:class:`ClassSubsetView`) over its ImageFolder datasets. The classes are put in an order (given, or a seeded
 shuffle as in the PASS/NAPA-VQ code, seed 1993), relabelled by their position in that order (as continuum's
 ``ClassIncremental`` and Avalanche's ``class_ids_from_zero_in_first_exp`` do), and cut into a first task of
 ``first_task_classes`` classes (the "half the classes" base task of NECIL papers: 50 of CIFAR-100) followed by tasks
@@ -17,16 +19,23 @@ task it stopped in.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets.vision import StandardTransform
 
 from lit_methods.datamodules.base import InMemoryVisionDataModule
+from lit_methods.datamodules.batch import INPUTS, TARGETS
 from lit_methods.datamodules.fast import InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.imagenet import ImageNetDataModule
 
-__all__ = ["ClassIncrementalDataModule", "class_incremental_tasks", "seeded_class_order"]
+__all__ = ["ClassIncrementalDataModule", "ClassSubsetView", "class_incremental_tasks", "dataset_targets",
+           "seeded_class_order"]
 
 
 def seeded_class_order(num_classes: int, seed: int) -> list[int]:
@@ -58,6 +67,45 @@ def class_incremental_tasks(num_classes: int, first_task_classes: int, classes_p
     return tasks
 
 
+def dataset_targets(dataset: Dataset) -> Tensor:
+    """The labels of a folder dataset without reading an image: an ``ImageFolder``'s ``targets``, through any
+    ``Subset`` around it."""
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise ValueError(f"{type(dataset).__name__} has no `targets` (an ImageFolder or a Subset of one is needed)")
+    return torch.as_tensor(targets, dtype=torch.long)
+
+
+class ClassSubsetView(Dataset):
+    """The samples of ``dataset`` at ``indices`` as ``{"inputs", "targets", "task"}`` with the given (relabelled)
+    targets and tasks; images are read and transformed by ``dataset`` on access.
+
+    Args:
+        dataset: a dataset whose items are ``{"inputs", "targets"}`` dicts or ``(input, target)`` pairs.
+        indices: the positions in ``dataset`` of the view's samples.
+        targets: the target of each view sample.
+        tasks: the task of each view sample.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], targets: Tensor, tasks: Tensor) -> None:
+        if not len(indices) == len(targets) == len(tasks):
+            raise ValueError(f"indices, targets and tasks differ in length: {len(indices)}, {len(targets)}, {len(tasks)}")
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.targets = targets.long()
+        self.tasks = tasks.long()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[self.indices[index]]
+        inputs = sample[INPUTS] if isinstance(sample, dict) else sample[0]
+        return {INPUTS: inputs, TARGETS: int(self.targets[index]), "task": int(self.tasks[index])}
+
+
 class ClassIncrementalDataModule(L.LightningDataModule):
     """The classes of ``datamodule`` as a class-incremental stream of tasks (see the module doc).
 
@@ -68,7 +116,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
 
     Args:
         datamodule: the dataset, an :class:`~lit_methods.datamodules.base.InMemoryVisionDataModule` with
-            ``fast_loader=True``; its batch size, augmentation, seed and validation split are used as they are.
+            ``fast_loader=True`` or an :class:`~lit_methods.datamodules.imagenet.ImageNetDataModule` (folders read
+            on access: its batches arrive transformed by its own transforms, and the loaders are its
+            ``make_dataloader``'s over class-subset views); its batch size, augmentation, seed and validation split
+            are used as they are.
         classes_per_task: classes of every task after the first.
         first_task_classes: classes of the first task (``None``: ``classes_per_task``; NECIL papers use half the
             classes, e.g. 50 of CIFAR-100).
@@ -88,11 +139,14 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         class_order_seed: int = 1993,
     ) -> None:
         super().__init__()
-        if not isinstance(datamodule, InMemoryVisionDataModule) or not datamodule.fast_loader:
+        in_memory = isinstance(datamodule, InMemoryVisionDataModule) and datamodule.fast_loader
+        if not (in_memory or isinstance(datamodule, ImageNetDataModule)):
             raise ValueError(
-                f"ClassIncrementalDataModule needs an InMemoryVisionDataModule with fast_loader=True, got {datamodule!r}"
+                "ClassIncrementalDataModule needs an InMemoryVisionDataModule with fast_loader=True or an "
+                f"ImageNetDataModule, got {datamodule!r}"
             )
-        if datamodule.ssl_views:
+        self.in_memory = in_memory
+        if getattr(datamodule, "ssl_views", 0):
             raise ValueError(f"ssl_views={datamodule.ssl_views}: class-incremental batches are single-view")
         if epochs_per_task < 1:
             raise ValueError(f"epochs_per_task must be >= 1, got {epochs_per_task}")
@@ -168,7 +222,10 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         return self.relabel[labels]
 
     def task_split(self, task: int, train: bool = True) -> tuple[Tensor, Tensor]:
-        """The (images, relabelled targets) of ``task``'s classes in the training (or evaluation) split."""
+        """The (images, relabelled targets) of ``task``'s classes in the training (or evaluation) split (in-memory
+        datamodules; a folder datamodule's tasks are :meth:`task_view`)."""
+        if not self.in_memory:
+            raise ValueError("task_split holds images in memory: use task_view with a folder datamodule")
         images, labels = self._split(train)
         targets = self.relabelled(labels)
         keep = self.task_of_class[targets] == task
@@ -186,9 +243,46 @@ class ClassIncrementalDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(dm).__name__}.setup() has not loaded this split yet")
         return images, labels
 
-    def task_loader(self, task: int, train: bool = True, shuffle: bool = False) -> InMemoryBatchLoader:
+    # -- folder datamodules -----------------------------------------------------------------------------------------
+    def _folder_dataset(self, split: str) -> Dataset:
+        dm = self.datamodule
+        dataset = {"train": dm.train_dataset, "val": dm.val_dataset if dm.val_split else dm.test_dataset,
+                   "test": dm.test_dataset}[split]
+        if dataset is None:
+            raise RuntimeError(f"{type(dm).__name__}.setup() has not loaded this split yet")
+        return dataset
+
+    def _unaugmented_train_dataset(self) -> Dataset:
+        """The training split read with the evaluation transforms (for a method's pass over a task's data)."""
+        train = self._folder_dataset("train")
+        base = train.dataset if isinstance(train, Subset) else train
+        plain = copy.copy(base)
+        plain.transform = self.datamodule.resolved_val_transforms()
+        plain.transforms = StandardTransform(plain.transform)
+        return Subset(plain, train.indices) if isinstance(train, Subset) else plain
+
+    def task_view(self, task: int | None, split: str = "train", augmented: bool = True) -> ClassSubsetView:
+        """The samples of ``task``'s classes (every class with ``task=None``) in ``split`` ("train", "val" or
+        "test") of a folder datamodule, relabelled; the training split with its augmentation unless
+        ``augmented=False``."""
+        dataset = self._folder_dataset(split)
+        if split == "train" and not augmented:
+            dataset = self._unaugmented_train_dataset()
+        targets = self.relabelled(dataset_targets(dataset))
+        tasks = self.task_of_class[targets]
+        keep = torch.ones_like(targets, dtype=torch.bool) if task is None else tasks == task
+        indices = torch.nonzero(keep).flatten()
+        return ClassSubsetView(dataset, indices.tolist(), targets[keep], tasks[keep])
+
+    def task_loader(self, task: int, train: bool = True, shuffle: bool = False) -> InMemoryBatchLoader | DataLoader:
         """A loader of ``task``'s samples with ``{"inputs", "targets", "task"}`` batches (unaugmented unless it is
-        the trainer's training loader: augmentation runs in :meth:`on_after_batch_transfer` while training)."""
+        the trainer's training loader: augmentation runs in :meth:`on_after_batch_transfer` while training; a folder
+        datamodule's training split is read with its evaluation transforms here)."""
+        if not self.in_memory:
+            view = self.task_view(task, "train" if train else "val", augmented=False)
+            if len(view) == 0:
+                raise ValueError(f"task {task} has no samples in the {'training' if train else 'evaluation'} split")
+            return self.datamodule.make_dataloader(view, train=shuffle)
         images, targets = self.task_split(task, train)
         if len(targets) == 0:
             raise ValueError(f"task {task} has no samples in the {'training' if train else 'evaluation'} split")
@@ -209,7 +303,9 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         extras = {"task": self.task_of_class[targets]}
         return InMemoryBatchLoader(images, targets, sampler, pin_memory=dm.pin_memory, extras=extras)
 
-    def train_dataloader(self) -> InMemoryBatchLoader:
+    def train_dataloader(self) -> InMemoryBatchLoader | DataLoader:
+        if not self.in_memory:
+            return self.datamodule.make_dataloader(self.task_view(self.current_task(), "train"), train=True)
         images, targets = self.task_split(self.current_task(), train=True)
         return self._make_loader(images, targets, train=True)
 
@@ -217,20 +313,25 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         images, labels = self._split(train)
         return self._make_loader(images, self.relabelled(labels), train=False)
 
-    def val_dataloader(self) -> InMemoryBatchLoader:
+    def val_dataloader(self) -> InMemoryBatchLoader | DataLoader:
+        if not self.in_memory:
+            return self.datamodule.make_dataloader(self.task_view(None, "val"), train=False)
         return self._eval_loader()
 
-    def test_dataloader(self) -> InMemoryBatchLoader:
+    def test_dataloader(self) -> InMemoryBatchLoader | DataLoader:
+        if not self.in_memory:
+            return self.datamodule.make_dataloader(self.task_view(None, "test"), train=False)
         dm = self.datamodule
         if dm.test_images is None or dm.test_labels is None:
             raise RuntimeError(f"{type(dm).__name__}.setup() has not loaded the test split yet")
         return self._make_loader(dm.test_images, self.relabelled(dm.test_labels), train=False)
 
-    def predict_dataloader(self) -> InMemoryBatchLoader:
+    def predict_dataloader(self) -> InMemoryBatchLoader | DataLoader:
         return self.test_dataloader()
 
     def to_inputs(self, pixels: Tensor) -> Tensor:
-        return self.datamodule.to_inputs(pixels)
+        """Model inputs of a loader's ``inputs`` (a folder datamodule's arrive transformed: unchanged)."""
+        return self.datamodule.to_inputs(pixels) if self.in_memory else pixels
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)

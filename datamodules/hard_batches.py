@@ -309,12 +309,8 @@ class HardBatchDataModule(WrappingDataModule):
         return epochs * len(self.fixed.rank_batch_ids)
 
     # -- Lightning hooks ----------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
+        super().setup(stage)
         if stage in (None, "fit") and self.fixed is None:
             rank, world_size = self.datamodule.rank_and_world_size()
             num_samples = len(self.datamodule.train_labels)
@@ -347,19 +343,6 @@ class HardBatchDataModule(WrappingDataModule):
             self.loader.resume_after(self._pending_position)
             self._pending_position = None
         return self.loader
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The wrapped datamodule's augmentation/normalization; the batch id passes through untouched."""
-        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {} if self.selector is None else {"selector": self.selector.state_dict()}

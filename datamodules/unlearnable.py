@@ -188,38 +188,12 @@ class CUDAUnlearnableDataModule(WrappingDataModule):
         """The poisoned training split (after ``setup``)."""
         return self.datamodule.train_images
 
-    @property
-    def train_labels(self) -> Tensor | None:
-        return self.datamodule.train_labels
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
+        super().setup(stage)
         images, labels = self.datamodule.train_images, self.datamodule.train_labels
         if images is not None and self.clean_train_images is None:
             self.clean_train_images = images
             self.datamodule.train_images = self.transform(images, labels)
-
-    def train_dataloader(self) -> Any:
-        return self.datamodule.train_dataloader()
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
-
-    def to_inputs(self, pixels: Tensor) -> Tensor:
-        return self.datamodule.to_inputs(pixels)
 
 
 def deconvolution_attack(

@@ -499,6 +499,9 @@ class ImageClassifier(MethodBase):
     """
 
     slug: ClassVar[str] = "baseline"
+    backbone_output: ClassVar[Literal["logits", "features"]] = "logits"
+    """What :meth:`check_backbone_output` expects of the backbone: ``num_classes`` logits, or features
+    (``forward_features``, ``num_features`` wide) for methods that put heads of their own on it."""
 
     def __init__(
         self,
@@ -570,22 +573,32 @@ class ImageClassifier(MethodBase):
 
     @torch.no_grad()
     def check_backbone_output(self) -> None:
-        """Construction-time check that the backbone maps the data's images to ``num_classes`` logits.
-
-        Methods whose backbone returns features for a head of their own override this.
-        """
+        """Construction-time check of the backbone on the data's image shape: ``backbone(x)`` gives ``num_classes``
+        logits or, when the method has heads of its own (``backbone_output = "features"``),
+        ``backbone.forward_features(x)`` gives ``backbone.num_features`` features. Runs in eval mode so that batch
+        norm statistics are untouched."""
         was_training = self.backbone.training
         self.backbone.eval()
         try:
             dummy = torch.zeros(2, self.in_channels, *self.image_size)
-            out = self.backbone(dummy)
+            if self.backbone_output == "features":
+                out = self.backbone.forward_features(dummy)
+            else:
+                out = self.backbone(dummy)
         finally:
             self.backbone.train(was_training)
-        if out.shape != (2, self.num_classes):
+        shape = f"{self.in_channels}x{self.image_size[0]}x{self.image_size[1]}"
+        if self.backbone_output == "features":
+            if out.shape != (2, self.backbone.num_features):
+                raise ValueError(
+                    f"the backbone's forward_features maps {shape} inputs to shape {tuple(out.shape[1:])} per sample, "
+                    f"but its num_features is {self.backbone.num_features}"
+                )
+        elif out.shape != (2, self.num_classes):
             raise ValueError(
-                f"the backbone maps {self.in_channels}x{self.image_size[0]}x{self.image_size[1]} inputs to shape "
-                f"{tuple(out.shape[1:])} per sample, but the classifier expects ({self.num_classes},) logits; "
-                "construct the backbone with num_classes and in_channels of the data"
+                f"the backbone maps {shape} inputs to shape {tuple(out.shape[1:])} per sample, but the classifier "
+                f"expects ({self.num_classes},) logits; construct the backbone with num_classes and in_channels of "
+                "the data"
             )
 
     # -- the parts methods override -----------------------------------------------------------------------------

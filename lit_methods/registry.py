@@ -230,9 +230,9 @@ _ENTRIES = (
         family="unlearning",
         kind="module",
         import_path="lit_methods.unlearning.WorstCaseForget",
-        status="partial",
+        status="available",
         cpu_config="experiments/worst-case-forget/worst-case-forget_convnet_digits.yaml",
-        note="judged with retrain, FT, GA, RL and l1-sparse; IU, boundary, SCRUB and EU/CF not written",
+        note="lower level FT only (no RL/EU/boundary/SCRUB lower-level variants); IU's Fisher inverse exact",
     ),
     MethodEntry(
         slug="projection-head",
@@ -294,9 +294,9 @@ _ENTRIES = (
         family="federated",
         kind="module",
         import_path="lit_methods.federated.FedoSSL",
-        status="partial",
+        status="available",
         cpu_config="experiments/fedossl/fedossl_convnet_digits.yaml",
-        note="calibration-helps-globally-unseen check not in tests (measured by hand); no SimCLR init",
+        note="one augmented view; SimCLR start: fedossl_resnet18_cifar10_from_simclr.yaml",
     ),
     MethodEntry(
         slug="slimfit",
@@ -554,7 +554,7 @@ _ENTRIES = (
         import_path="lit_methods.extraction.CaBaGe",
         status="partial",
         cpu_config="experiments/cabage/cabage_convnet_digits.yaml",
-        note="agreement above DisGUIDE-lite on digits, query-label entropy not; design read from the abstract",
+        note="agreement above DisGUIDE-lite on digits, label entropy only on average; paper body/code unread",
     ),
     MethodEntry(
         slug="nmc-baseline",
@@ -565,7 +565,7 @@ _ENTRIES = (
         import_path="lit_methods.continual.NMCBaseline",
         status="available",
         cpu_config="experiments/nmc-baseline/nmc-baseline_convnet_digits.yaml",
-        note="no Lightning DDP (nothing to train); the head all-reduces under any process group",
+        note="under Lightning ddp learn the means with learn_class_means (a predict pass)",
     ),
     MethodEntry(
         slug="napa-vq",
@@ -576,7 +576,7 @@ _ENTRIES = (
         import_path="lit_methods.continual.NAPAVQ",
         status="available",
         cpu_config="experiments/napa-vq/napa-vq_convnet_digits.yaml",
-        note="digits check uses CPU-sized loss weights (pa 1, kd 0.3); backbone without CBAM",
+        note="paper weights pass the digits check on 16x16 input (8x8 config: new classes 66%); no CBAM",
     ),
     MethodEntry(
         slug="otov2",

@@ -43,6 +43,23 @@ def test_num_classes_is_read_from_the_backbone_and_checked_against_it():
         ImageClassifier(nn.Flatten())
 
 
+class _FeatureHeadClassifier(ImageClassifier):
+    backbone_output = "features"
+
+
+def test_a_feature_backbone_is_checked_in_eval_mode_against_num_features():
+    """Methods with heads of their own check ``forward_features`` against ``num_features``; the check leaves batch
+    norm statistics untouched (it runs in eval mode) and restores the training flag."""
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    _FeatureHeadClassifier(net, in_channels=1, image_size=(8, 8))
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    net.num_features = 3
+    with pytest.raises(ValueError, match=r"forward_features maps 1x8x8 inputs to shape \(\d+,\).*num_features is 3"):
+        _FeatureHeadClassifier(net, in_channels=1, image_size=(8, 8))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

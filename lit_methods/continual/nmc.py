@@ -6,7 +6,9 @@ Nothing is trained: every training batch adds its L2-normalised features to per-
 image gets the class whose mean feature is nearest (Euclidean). The means are not re-normalised (as the official
 code). Streaming sums make the method task-free: the same means come out of any class order, task split or batch
 size. Under several processes the batch sums are all-reduced at every step, so every rank holds the global sums at
-all times (and a checkpoint written anywhere holds them).
+all times (and a checkpoint written anywhere holds them). With Lightning's ``ddp`` strategy the means are learnt in
+a predict pass (:meth:`NMCBaseline.learn_class_means`): DistributedDataParallel, which Lightning wraps a fitting
+module in, refuses a module with nothing to train.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -43,14 +46,14 @@ class NCMHead(nn.Module):
 
     def batch_sums(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """Per-class sums and counts of one batch."""
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= len(self.counts)):
+            raise ValueError(f"targets must lie in [0, {len(self.counts)}), got [{int(targets.min())}, {int(targets.max())}]")
         sums = torch.zeros_like(self.sums).index_add_(0, targets, features.to(self.sums.dtype))
         counts = torch.zeros_like(self.counts).index_add_(0, targets, torch.ones_like(targets, dtype=self.counts.dtype))
         return sums, counts
 
     def update(self, features: Tensor, targets: Tensor) -> None:
         """Add one batch; under an initialised ``torch.distributed`` group the batch sums of all processes."""
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= len(self.counts)):
-            raise ValueError(f"targets must lie in [0, {len(self.counts)}), got [{int(targets.min())}, {int(targets.max())}]")
         sums, counts = self.batch_sums(features, targets)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
@@ -87,9 +90,11 @@ class NMCBaseline(ContinualMethod):
     leaves the means unchanged only without augmentation: the configs turn it off, as the official code).
 
     Several processes: :meth:`NCMHead.update` all-reduces every batch's sums whenever a ``torch.distributed`` group
-    is initialised (tested with two gloo processes), so all ranks hold the global means. Lightning's ``ddp`` strategy
-    itself cannot run this module: it wraps it in torch's ``DistributedDataParallel``, which refuses a module with no
-    trainable parameter; extract features on several processes with your own process group and call the head.
+    is initialised (tested with two gloo processes), so all ranks hold the global means. ``trainer.fit`` under
+    Lightning's ``ddp`` strategy cannot run this module (it wraps a fitting module in torch's
+    ``DistributedDataParallel``, which refuses a module with no trainable parameter); under ``ddp`` learn the means
+    with :meth:`learn_class_means`, a ``trainer.predict`` pass that Lightning runs unwrapped, on a disjoint share of
+    the data per process (tested with a 2-process ``Trainer(strategy="ddp")``).
 
     Args:
         backbone: any feature extractor: a net of :mod:`lit_methods.nets`, ``TimmModel`` (the paper: ViT-B/16
@@ -141,6 +146,8 @@ class NMCBaseline(ContinualMethod):
         self.normalize_features = normalize_features
         self.resize_to = resize_to
         self.head = NCMHead(num_classes, num_features)
+        self._learning_means = False
+        self._pending: tuple[Tensor, Tensor] | None = None
 
     def train(self, mode: bool = True) -> NMCBaseline:
         super().train(mode)
@@ -177,5 +184,39 @@ class NMCBaseline(ContinualMethod):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self.predict_classes(as_batch(batch)["inputs"])
+    def learn_class_means(self, trainer: L.Trainer, dataloaders: Any) -> None:
+        """Add every labelled batch of ``dataloaders`` to the class means through ``trainer.predict``, the way to
+        learn them under Lightning's ``ddp`` strategy: Lightning does not wrap a predicting module in
+        DistributedDataParallel, and its predict sampler gives each process a disjoint share of the data without
+        repeats (a training sampler pads shares to equal length by repeating samples). Each process sums its share
+        and the sums are all-reduced once at the end (``trainer.strategy.reduce``), so every rank holds the means of
+        all the data. ``seen_classes`` is set to the classes that have a mean. Any strategy works (one process too)."""
+        self._learning_means = True
+        try:
+            trainer.predict(self, dataloaders=dataloaders, return_predictions=False)
+        finally:
+            self._learning_means = False
+
+    def on_predict_epoch_start(self) -> None:
+        if self._learning_means:
+            self._pending = (torch.zeros_like(self.head.sums), torch.zeros_like(self.head.counts))
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor | None:
+        batch = as_batch(batch)
+        if not self._learning_means or self._pending is None:
+            return self.predict_classes(batch["inputs"])
+        if "targets" not in batch:
+            raise ValueError("learn_class_means needs labelled batches (a 'targets' field)")
+        sums, counts = self.head.batch_sums(self.features(batch["inputs"]), batch["targets"])
+        self._pending[0].add_(sums)
+        self._pending[1].add_(counts)
+        return None
+
+    def on_predict_epoch_end(self) -> None:
+        if self._learning_means and self._pending is not None:
+            sums, counts = (self.trainer.strategy.reduce(t, reduce_op="sum") for t in self._pending)
+            self._pending = None
+            self.head.sums += sums
+            self.head.counts += counts
+            present = torch.nonzero(self.head.counts > 0)
+            self.seen_classes.fill_(int(present.max()) + 1 if len(present) else 0)

@@ -102,6 +102,7 @@ class FedLoGe(FederatedMethod, ImageClassifier):
     """
 
     slug: ClassVar[str] = "fedloge"
+    backbone_output = "features"
     private_prefixes: ClassVar[tuple[str, ...]] = ("local_head.",)
 
     def __init__(
@@ -136,18 +137,6 @@ class FedLoGe(FederatedMethod, ImageClassifier):
         )
         self.g_aux = nn.Linear(dim, self.num_classes, bias=False)
         self.local_head = nn.Linear(dim, self.num_classes, bias=False)
-
-    @torch.no_grad()
-    def check_backbone_output(self) -> None:
-        """The backbone must map the data's images to ``(num_features,)`` feature vectors."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            out = self.backbone.forward_features(torch.zeros(2, self.in_channels, *self.image_size))
-        finally:
-            self.backbone.train(was_training)
-        if out.shape != (2, self.backbone.num_features):
-            raise ValueError(f"the backbone gives features of shape {tuple(out.shape[1:])}, not ({self.backbone.num_features},)")
 
     # -- the heads ----------------------------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:

@@ -130,11 +130,20 @@ class FedoSSL(FederatedMethod, ImageClassifier):
         memory_size: features in the client's memory (code: 1024).
         server_steps: SGD steps training the global centroids (code: 500, lr 0.01, momentum 0.9, wd 1e-4).
         calibrate: re-order the global centroids to the seen classes (the paper's calibration; off for ablation).
+        pretrained_checkpoint: the backbone's starting weights, e.g. a checkpoint of :class:`~lit_methods.ssl.SimCLR`
+            on the same backbone (the paper starts from SimCLR), read with ``pretrained_key_map``; loaded at
+            construction, so they are the federation's initial global weights.
+        pretrained_key_map: source key prefix -> module key prefix (default ``{"backbone.": "backbone."}``: the
+            backbone of any of our SSL methods' checkpoints; ``{"": "backbone."}`` for a plain backbone state dict).
+        trainable_backbone_prefixes: backbone parameter-name prefixes that train (the code: ``["stages.3"]``, the
+            last stage of our CIFAR ResNet-18, its ``layer4``); the rest of the backbone is frozen. ``None`` (the
+            default) trains the whole backbone. The head always trains.
         **kwargs: the other arguments of :class:`~lit_methods.ImageClassifier` (code: SGD lr 0.1, momentum 0.9,
             weight decay 5e-4).
     """
 
     slug: ClassVar[str] = "fedossl"
+    backbone_output = "features"
     private_prefixes: ClassVar[tuple[str, ...]] = ("memory", "labelled_sum", "labelled_count", "uncertainty")
     not_averaged: ClassVar[tuple[str, ...]] = ("centroids", "local_centroids")
 
@@ -153,6 +162,9 @@ class FedoSSL(FederatedMethod, ImageClassifier):
         memory_size: int = 1024,
         server_steps: int = 500,
         calibrate: bool = True,
+        pretrained_checkpoint: str | None = None,
+        pretrained_key_map: dict[str, str] | None = None,
+        trainable_backbone_prefixes: list[str] | None = None,
         lr: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -198,12 +210,21 @@ class FedoSSL(FederatedMethod, ImageClassifier):
         self.register_buffer("labelled_sum", torch.zeros(self.num_classes, dim))
         self.register_buffer("labelled_count", torch.zeros(self.num_classes))
         self.round_index = 0
+        if pretrained_checkpoint is not None:
+            self.load_pretrained_weights(pretrained_checkpoint, pretrained_key_map or {"backbone.": "backbone."},
+                                         source_name=f"pretrained_checkpoint {pretrained_checkpoint!r}")
+        if trainable_backbone_prefixes is not None:
+            self.freeze_backbone_except(trainable_backbone_prefixes)
 
-    @torch.no_grad()
-    def check_backbone_output(self) -> None:
-        out = self.backbone.forward_features(torch.zeros(2, self.in_channels, *self.image_size))
-        if out.shape != (2, self.backbone.num_features):
-            raise ValueError(f"the backbone gives features of shape {tuple(out.shape[1:])}, not ({self.backbone.num_features},)")
+    def freeze_backbone_except(self, prefixes: Sequence[str]) -> None:
+        """Freeze every backbone parameter whose name starts with none of ``prefixes`` (each must match one)."""
+        names = [name for name, _ in self.backbone.named_parameters()]
+        unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
+        if unmatched:
+            raise ValueError(f"trainable_backbone_prefixes {unmatched} match no backbone parameter "
+                             f"(its parameters begin {sorted({n.rsplit('.', 2)[0] for n in names})[:8]})")
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad_(name.startswith(tuple(prefixes)))
 
     # -- model --------------------------------------------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:

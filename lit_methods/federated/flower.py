@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -70,10 +72,33 @@ class MethodStrategy(FedAvg):
         self.module = module
         self.round_offset = 0
 
+    def valid_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies without an error, each checked to carry the arrays and the two metrics the server update
+        reads; every error reply is logged with its node and reason (FedAvg aggregates over the rest, as Flower's
+        own strategies do), and a reply without those records is refused with an error naming the node."""
+        valid = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                log(WARNING, "round %d: node %d replied with an error (left out of the aggregation): %s",
+                    server_round, node, message.error.reason)
+                continue
+            content = message.content
+            if self.arrayrecord_key not in content.array_records:
+                raise ValueError(f"round {server_round}: node {node}'s reply has no ArrayRecord "
+                                 f"{self.arrayrecord_key!r} (it has {list(content.array_records)})")
+            metrics = content.metric_records.get("metrics")
+            missing = [k for k in (PARTITION_KEY, NUM_EXAMPLES_KEY) if metrics is None or k not in metrics]
+            if missing:
+                raise ValueError(f"round {server_round}: node {node}'s reply has no metrics {missing}")
+            valid.append(message)
+        log(INFO, "round %d: %d client updates to aggregate", server_round, len(valid))
+        return valid
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        valid = self.valid_replies(server_round, replies)
         if not valid:
             return None, None
         results = []
@@ -107,7 +132,13 @@ def run_server(
             "a Flower ServerApp needs a strategy: give strategy_class (lit_methods.federated.flower.MethodStrategy "
             "or a subclass)"
         )
-    config = str(Path(config).resolve())
+    config_path = Path(config).resolve()
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"lit-config {str(config)!r} is not a file (resolved to {config_path}; a relative path is resolved against "
+            f"the ServerApp's working directory {Path.cwd()}, for `flwr run` the SuperLink's)"
+        )
+    config = str(config_path)
     federation = _federation(config, tuple(overrides))
     module, dm = federation.module, federation.datamodule
     fraction = dm.clients_per_round if isinstance(dm.clients_per_round, float) else dm.clients_per_round / dm.num_clients

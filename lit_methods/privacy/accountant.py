@@ -151,8 +151,13 @@ def feedback_noise_multiplier(
 
     This function returns ``s / D_t`` for ``t >= 1``. Conditioning on ``R`` forgoes amplification by sub-sampling
     on every step (also the first), which makes the bound valid whatever the sampling, and loose: far costlier
-    than DP-SGD's at equal ``sigma``. It holds for any ``C1, C2 > 0`` and any gradients. (The paper's theorem, for
-    ``C2 >= C1`` under its assumptions, could not be recovered exactly, so it is not what this computes.)
+    than DP-SGD's at equal ``sigma``. It holds for any ``C1, C2 > 0`` and any gradients.
+
+    The paper's privacy theorem (arXiv 2311.14632, Section 3; Theorem 3.8 in the OpenReview version; ``C2 >= C1``)
+    is not what this computes: its exact statement could not be recovered (the stored arXiv HTML has its formulas
+    stripped; the OpenReview reviews only say that its ``sigma_1`` is a noise std and that the proof uses the
+    small-``q`` sub-sampled Gaussian bound ``2 q^2 alpha / sigma^2`` for ``sigma >= 4``, Mironov, Talwar, Zhang
+    2019), so no transcription of it could be checked.
     """
     if noise_multiplier == 0:  # no noise (infinite clip norms included): no privacy
         return 0.0

@@ -44,6 +44,8 @@ class ProjectionHeadClassifier(ImageClassifier):
             the backbone).
     """
 
+    backbone_output = "features"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -77,21 +79,6 @@ class ProjectionHeadClassifier(ImageClassifier):
         else:
             self.projector = nn.Identity()
         self.classifier = nn.Linear(width, self.num_classes)
-
-    @torch.no_grad()
-    def check_backbone_output(self) -> None:
-        """Construction-time check that the backbone's pooled features have ``num_features`` entries."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            out = self.backbone.forward_features(torch.zeros(2, self.in_channels, *self.image_size))
-        finally:
-            self.backbone.train(was_training)
-        if out.shape != (2, self.backbone.num_features):
-            raise ValueError(
-                f"the backbone's forward_features gives shape {tuple(out.shape[1:])} per sample, but its num_features "
-                f"is {self.backbone.num_features}"
-            )
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The pre-projection representation ``f(x)`` (the head bypassed), for downstream evaluation."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,12 +26,22 @@ from torch import Tensor, nn
 
 from lit_methods.base import ImageClassifier, load_pretrained_weights
 from lit_methods.datamodules.batch import as_batch
-from lit_methods.unlearning.methods import check_unlearning_methods, unlearn, unlearning_metrics
+from lit_methods.unlearning.methods import (
+    check_unlearning_methods,
+    check_unlearning_options,
+    unlearn,
+    unlearning_metrics,
+)
 
 __all__ = ["DEFAULT_UNLEARNING_LRS", "SignSGD", "WorstCaseForget", "project_capped_simplex", "top_k_mask"]
 
-#: SGD rates of the unlearning methods on the original model (Unlearn-Sparse's ranges; retrain trains from scratch)
-DEFAULT_UNLEARNING_LRS = {"retrain": 0.1, "ft": 0.01, "ga": 1e-4, "rl": 0.01, "l1-sparse": 0.01}
+#: SGD rates of the unlearning methods on the original model (Unlearn-Sparse's ranges; retrain trains from scratch;
+#: SCRUB: the WorstCase code's example command, 5e-4; boundary: Chen et al.'s 1e-5 is too small for a few CPU epochs,
+#: so FT's 0.01 here, like EU-k/CF-k, which fine-tune; IU takes no rate, it is one Newton-like step)
+DEFAULT_UNLEARNING_LRS = {
+    "retrain": 0.1, "ft": 0.01, "ga": 1e-4, "rl": 0.01, "l1-sparse": 0.01, "boundary-shrink": 0.01,
+    "boundary-expand": 0.01, "scrub": 5e-4, "eu-k": 0.01, "cf-k": 0.01,
+}
 
 
 def project_capped_simplex(w: Tensor, k: float, tol: float = 1e-5, max_iter: int = 100) -> Tensor:
@@ -96,7 +107,8 @@ class WorstCaseForget(ImageClassifier):
 
     When training ends, each method of ``unlearning_methods`` unlearns the worst-case set and ``random_sets`` random
     sets of the same size, starting from the original model; UA, RA, TA and MIA-Efficacy of each
-    (:mod:`lit_methods.unlearning.methods`), and of the original model, are written to ``unlearning_report.csv``, and
+    (:mod:`lit_methods.unlearning.methods`), and of the original model, with each method's run-time RTE (seconds), are
+    written to ``unlearning_report.csv``, and
     the chosen indices to ``worst_case_forget_indices.txt``, next to the logs (``trainer.log_dir``); the rows are in
     :attr:`report`. The module reads the datamodule's in-memory training and test splits (``train_images``,
     ``test_images`` and ``to_inputs``) for the upper step and the report.
@@ -111,9 +123,14 @@ class WorstCaseForget(ImageClassifier):
         easiest: step up instead of down (the code's ``re_optm``): the easiest-to-forget set instead.
         pretrained_checkpoint: a Lightning checkpoint of an :class:`~lit_methods.ImageClassifier` (its
             ``backbone.*`` weights) or a plain backbone ``state_dict``, loaded once in ``setup``.
-        unlearning_methods: methods judged at the end, among ``retrain``, ``ft``, ``ga``, ``rl``, ``l1-sparse``.
-        unlearning_epochs: epochs of every unlearning method (retrain included).
+        unlearning_methods: methods judged at the end, among
+            :data:`~lit_methods.unlearning.methods.UNLEARNING_METHODS` (``retrain``, ``ft``, ``ga``, ``rl``,
+            ``l1-sparse``, ``iu``, ``boundary-shrink``, ``boundary-expand``, ``scrub``, ``eu-k``, ``cf-k``).
+        unlearning_epochs: epochs of every iterative unlearning method (retrain included).
         unlearning_lrs: SGD rate per method (defaults: :data:`DEFAULT_UNLEARNING_LRS`).
+        unlearning_options: method options passed to :func:`~lit_methods.unlearning.unlearn` (keys of
+            :data:`~lit_methods.unlearning.methods.UNLEARNING_OPTIONS`, e.g. ``last_layers`` for EU-k/CF-k,
+            ``iu_damping``, ``scrub_max_epochs``).
         random_sets: random forget sets of size K the worst-case set is compared with (seeds 0, 1, ...).
         lr: the sign-SGD step (code's ``theta_lr``: 1e-3).
         **kwargs: see :class:`~lit_methods.ImageClassifier`.
@@ -134,6 +151,7 @@ class WorstCaseForget(ImageClassifier):
         unlearning_methods: list[str] | None = None,
         unlearning_epochs: int = 10,
         unlearning_lrs: dict[str, float] | None = None,
+        unlearning_options: dict[str, Any] | None = None,
         random_sets: int = 1,
         lr: float = 1e-3,
         lr_schedule: str = "constant",
@@ -159,6 +177,8 @@ class WorstCaseForget(ImageClassifier):
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         methods = ["ft", "ga", "rl", "l1-sparse"] if unlearning_methods is None else list(unlearning_methods)
+        options = dict(unlearning_options or {})
+        check_unlearning_options(options)
         check_unlearning_methods(methods)
         lrs = dict(DEFAULT_UNLEARNING_LRS) | dict(unlearning_lrs or {})
         check_unlearning_methods(list(lrs))
@@ -175,6 +195,7 @@ class WorstCaseForget(ImageClassifier):
         self.unlearning_methods = methods
         self.unlearning_epochs = unlearning_epochs
         self.unlearning_lrs = lrs
+        self.unlearning_options = options
         self.random_sets = random_sets
         self.original_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.register_buffer("selection_weights", torch.zeros(0))
@@ -282,9 +303,10 @@ class WorstCaseForget(ImageClassifier):
         """``backbone`` behind this module's input normalisation (the unlearning methods see model inputs)."""
         return backbone if self.normalize is None else nn.Sequential(copy.deepcopy(self.normalize), backbone)
 
-    def judge(self, mask: Tensor, seed: int = 0) -> dict[str, dict[str, float]]:
+    def judge(self, mask: Tensor, seed: int = 0) -> dict[str, dict[str, Any]]:
         """UA, RA, TA and MIA-Efficacy of the original model and of every unlearning method on the forget set
-        ``mask`` (a ``bool`` mask of the training split)."""
+        ``mask`` (a ``bool`` mask of the training split), with each method's run-time RTE in seconds (wall clock;
+        empty for the original)."""
         dm = self._data()
         dm.setup("test")
         x, y = self._inputs_and_labels(dm.train_images, dm.train_labels)
@@ -292,13 +314,17 @@ class WorstCaseForget(ImageClassifier):
         mask = mask.to(x.device)
         forget, retain = (x[mask], y[mask]), (x[~mask], y[~mask])
         original = self.classifier(self.original_backbone)
-        rows = {"original": unlearning_metrics(original, forget, retain, test)}
+        rows: dict[str, dict[str, Any]] = {
+            "original": unlearning_metrics(original, forget, retain, test) | {"RTE": ""}
+        }
         for method in self.unlearning_methods:
+            start = time.perf_counter()
             model = unlearn(
                 original, method, forget, retain, self.num_classes, self.unlearning_epochs,
-                self.unlearning_lrs[method], seed=seed,
+                self.unlearning_lrs.get(method, 1.0), seed=seed, **self.unlearning_options,
             )
-            rows[method] = unlearning_metrics(model, forget, retain, test)
+            elapsed = time.perf_counter() - start
+            rows[method] = unlearning_metrics(model, forget, retain, test) | {"RTE": elapsed}
         return rows
 
     def on_train_end(self) -> None:
@@ -320,10 +346,13 @@ class WorstCaseForget(ImageClassifier):
             folder = Path(log_dir)
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / "unlearning_report.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["forget_set", "method", "UA", "RA", "TA", "MIA"])
+                writer = csv.DictWriter(handle, fieldnames=["forget_set", "method", "UA", "RA", "TA", "MIA", "RTE"])
                 writer.writeheader()
-                writer.writerows({k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in row.items()}
-                                 for row in self.report)
+                writer.writerows(
+                    {k: (f"{v:.4f}" if k == "RTE" else f"{v:.2f}") if isinstance(v, float) else v
+                     for k, v in row.items()}
+                    for row in self.report
+                )
             indices = self.forget_mask.nonzero().flatten().tolist()
             (folder / "worst_case_forget_indices.txt").write_text("\n".join(map(str, indices)) + "\n")
 

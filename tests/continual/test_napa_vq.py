@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from lit_methods.continual import NAPAVQ
 from lit_methods.continual.napa_vq import na_loss, neighbourhood_prototypes, rotate_with_labels, update_edges
@@ -23,14 +24,21 @@ class CodeVectorsAtTaskStart(L.Callback):
             self.code_vectors = pl_module.code_vectors.detach().clone()
 
 
+def digits_16x16_convnet() -> nn.Module:
+    """The card's tiny CNN on 16x16 digits: the 8x8 images upsampled (bilinear) into a ConvNet-3 of width 8, whose
+    2x2 maps give 32-d features (on the 8x8 images themselves a ConvNet-3 ends on 1x1 maps)."""
+    convnet = ConvNet(num_classes=0, in_channels=1, depth=3, width=8, norm="batchnorm", image_size=16)
+    return nn.Sequential(nn.Upsample(size=(16, 16), mode="bilinear", align_corners=False), convnet, nn.Flatten())
+
+
 def run_digits(**kwargs) -> tuple[NAPAVQ, CodeVectorsAtTaskStart]:
-    """Digits 0-4 then 5-9, 5 epochs each, a ConvNet-3 with 32-d features, one thread."""
+    """Digits 0-4 then 5-9, 5 epochs each, the card's 16x16 tiny CNN with 32-d features, one thread."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     digits = DigitsDataModule(batch_size=64, crop_padding=0, num_workers=0)
     stream = ClassIncrementalDataModule(digits, classes_per_task=5, epochs_per_task=EPOCHS, class_order=list(range(10)))
-    backbone = ConvNet(num_classes=10, in_channels=1, depth=3, width=32, norm="batchnorm", image_size=8)
-    model = NAPAVQ(backbone, num_classes=10, image_size=(8, 8), mean=digits.mean, std=digits.std, **kwargs)
+    model = NAPAVQ(digits_16x16_convnet(), num_classes=10, num_features=32, image_size=(8, 8), mean=digits.mean,
+                   std=digits.std, **kwargs)
     snapshot = CodeVectorsAtTaskStart()
     trainer = cpu_trainer(
         max_epochs=2 * EPOCHS,
@@ -45,18 +53,21 @@ def run_digits(**kwargs) -> tuple[NAPAVQ, CodeVectorsAtTaskStart]:
 
 @pytest.fixture(scope="module")
 def napa_and_finetune():
-    # CPU-sized weights (the paper: pa 10, kd 10, incremental rate x0.1): with them this 32-d ConvNet keeps 96% of
-    # the old digits but reaches only ~61% on the new ones in 5 epochs (measured once by hand).
-    napa, snapshot = run_digits(pa_weight=1.0, kd_weight=0.3, incremental_lr_factor=0.3)
+    # the paper's weights and rates (pa 10, kd 10, Adam 1e-3 then 1e-4, CVs SGD 5 then 0.5): the defaults. On the
+    # 8x8 images with a ConvNet-3 of width 32 (1x1 maps) they keep 99% of the old digits but reach only 66% on the new
+    # ones (fine-tuning: 98%), at 10 epochs and at 20 alike; the card's 16x16 input passes the check with them.
+    napa, snapshot = run_digits()
     finetune, _ = run_digits(na_weight=0.0, pa_weight=0.0, kd_weight=0.0, incremental_lr_factor=1.0)
     return napa, snapshot, finetune
 
 
 @pytest.mark.slow
 def test_napa_vq_keeps_old_classes_that_finetuning_forgets(napa_and_finetune):
-    """After task 1, fine-tuning with DCE only keeps < 30% of digits 0-4; NAPA-VQ keeps >= 20 points more, with
-    new-class accuracy within 15 points of fine-tuning's. Fails for a no-op NAPA-VQ (its losses switched off it is
-    the fine-tuning run: no gap; measured 26% vs 93% old, 95% vs 83% new)."""
+    """After task 1, fine-tuning with DCE only keeps < 30% of digits 0-4; NAPA-VQ with the paper's loss weights keeps
+    >= 20 points more, with new-class accuracy within 15 points of fine-tuning's. Fails for a no-op NAPA-VQ (its
+    losses switched off it is the fine-tuning run: no gap). Measured (5 epochs per task): fine-tuning old 15.9% /
+    new 78.1%, NAPA-VQ 69.9% / 71.9%; at 10 epochs per task 36.3% / 94.2% vs 89.4% / 79.9% (fine-tuning then keeps
+    more than the card's 30%, so the test runs 5)."""
     napa, _, finetune = napa_and_finetune
     napa_old, napa_new = napa.measured_matrix()[1].tolist()
     finetune_old, finetune_new = finetune.measured_matrix()[1].tolist()

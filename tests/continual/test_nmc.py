@@ -150,3 +150,37 @@ def test_bad_inputs_are_refused():
         head.predict(torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 3\)"):
         head.update(torch.zeros(2, 4), torch.tensor([0, 3]))
+
+
+def _digits_loader(count: int):
+    """The first ``count`` digits training images as normalised inputs with their labels, batches of 64."""
+    digits = DigitsDataModule(batch_size=64, crop_padding=0, num_workers=0)
+    digits.setup("fit")
+    inputs = digits.to_inputs(digits.train_images[:count])
+    dataset = torch.utils.data.TensorDataset(inputs, digits.train_labels[:count])
+    return torch.utils.data.DataLoader(dataset, batch_size=64), digits
+
+
+def _learn_means(devices: int, strategy: str, count: int) -> tuple[list, list, int]:
+    torch.set_num_threads(1)
+    loader, digits = _digits_loader(count)
+    model = NMCBaseline(make_backbone(), num_classes=10, mean=digits.mean, std=digits.std)
+    trainer = cpu_trainer(devices=devices, strategy=strategy, logger=False)
+    model.learn_class_means(trainer, loader)
+    return model.head.sums.tolist(), model.head.counts.tolist(), int(model.seen_classes)
+
+
+@pytest.mark.ddp
+def test_class_means_under_lightning_ddp_equal_one_process():
+    """Item (e) through a Lightning Trainer: ``learn_class_means`` under ``Trainer(strategy="ddp", devices=2)``
+    (two gloo processes; a ``trainer.fit`` would stop at DistributedDataParallel's refusal of a module with nothing
+    to train) ends with the sums and counts of one process over all the data, on both ranks. 129 samples in batches
+    of 64 give the ranks 65 and 64 samples (2 batches and 1), so a per-batch collective would hang and a padding
+    sampler would count a sample twice (130); without the final all-reduce each rank would hold only its share
+    (checked by hand by dropping the reduce: the sums differ)."""
+    single_sums, single_counts, single_seen = _learn_means(1, "auto", 129)
+    assert sum(single_counts) == 129 and single_seen == 10
+    results = run_distributed(_learn_means, 2, "ddp", 129)
+    for sums, counts, seen in results:
+        assert counts == single_counts and seen == single_seen
+        torch.testing.assert_close(torch.tensor(sums), torch.tensor(single_sums), atol=1e-9, rtol=0)

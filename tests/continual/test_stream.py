@@ -159,3 +159,64 @@ def test_a_trainer_that_keeps_its_loaders_is_refused():
     stream.trainer = cpu_trainer()
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         stream.setup("fit")
+
+
+def test_class_incremental_stream_over_an_imagenet_folder(tmp_path):
+    """A stream over the folder-read ImageNetDataModule (a class-list subset of a tiny ImageFolder written in the
+    real ILSVRC layout, every image one colour that names it): each task's training loader yields exactly the
+    training files of its classes, once each, with targets relabelled by the class order and their task; evaluation
+    loaders hold every class; one Lightning fit of NMC over the stream counts each class's 3 training images once
+    and fills the accuracy matrix's lower triangle. A stream that ignored the task (or the class order) would fail
+    the file-set assertions."""
+    import numpy as np
+
+    from lit_methods.continual import NMCBaseline
+    from lit_methods.datamodules import ImageNetDataModule
+    from lit_methods.nets import ConvNet
+    from tests.datamodules.imagenet_formats import colour_code, synthetic_wnids, write_class_list, write_imagenet
+    from tests.helpers import cpu_trainer
+
+    wnids = synthetic_wnids(5)
+    written = write_imagenet(tmp_path, wnids, train_per_class=3, val_per_class=2, size=(12, 10))
+    listed = wnids[:4]  # a class-list subset: the fifth class folder is not read
+    class_list = write_class_list(tmp_path / "classes.txt", listed)
+    order = [2, 0, 3, 1]
+    folder = ImageNetDataModule(data_dir=tmp_path, class_list=class_list, image_size=8, normalize=False,
+                                batch_size=4, num_workers=0)
+    stream = ClassIncrementalDataModule(folder, classes_per_task=2, class_order=order)
+    stream.setup("fit")
+
+    def codes_and_targets(loader) -> list[tuple[int, int, int]]:
+        rows = []
+        for batch in loader:
+            for image, target, task in zip(batch["inputs"], batch["targets"], batch["task"]):
+                pixels = (image * 255).round().numpy().astype(np.uint8)
+                rows.append((colour_code(pixels), int(target), int(task)))
+        return rows
+
+    def relabel(wnid: str) -> int:
+        return order.index(listed.index(wnid))
+
+    train_files = {p.parent.name: [] for p in written.files["train"]}
+    for code, wnid in written.code_wnid.items():
+        train_files[wnid].append(code)
+    for task in (0, 1):
+        rows = codes_and_targets(stream.task_loader(task, train=True))
+        expected_classes = [listed[c] for c in order[2 * task: 2 * task + 2]]
+        expected = sorted(code for w in expected_classes for code in train_files[w][:3])
+        assert sorted(code for code, _, _ in rows) == expected
+        for code, target, row_task in rows:
+            assert target == relabel(written.code_wnid[code]) and row_task == task
+    assert [c for _, c, _ in codes_and_targets(stream.train_dataloader())] != []  # task 0 without a trainer
+    val_rows = codes_and_targets(stream.val_dataloader())
+    assert sorted(t for _, t, _ in val_rows) == sorted(list(range(4)) * 2)
+    assert all(task == target // 2 for _, target, task in val_rows)
+
+    torch.manual_seed(0)
+    backbone = ConvNet(num_classes=4, in_channels=3, depth=1, width=4, image_size=8)
+    model = NMCBaseline(backbone, num_classes=4, mean=folder.mean, std=folder.std, inputs_normalized=False)
+    trainer = cpu_trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False)
+    trainer.fit(model, datamodule=stream)
+    assert model.head.counts.tolist() == [3.0, 3.0, 3.0, 3.0]
+    matrix = model.accuracy_matrix
+    assert bool((matrix[0, 0] >= 0) & (matrix[1, :2] >= 0).all()) and float(matrix[0, 1]) == -1.0

@@ -15,6 +15,7 @@ from torch import nn
 from lit_methods.datamodules import DigitsDataModule
 from lit_methods.unlearning import (
     IndexedDataModule,
+    UNLEARNING_METHODS,
     SignSGD,
     WorstCaseForget,
     project_capped_simplex,
@@ -116,7 +117,7 @@ def test_worst_case_set_is_harder_to_forget_than_random_sets(selections):
     sets' (checked by hand by dropping the upper step)."""
     worst = selections["worst"]
     report = (selections["worst_dir"] / "unlearning_report.csv").read_text().splitlines()
-    assert report[0] == "forget_set,method,UA,RA,TA,MIA" and len(report) == 1 + 4 * 2  # worst + 3 random, original + ft
+    assert report[0] == "forget_set,method,UA,RA,TA,MIA,RTE" and len(report) == 1 + 4 * 2  # worst + 3 random, original + ft
     k = round(0.1 * len(worst.selection_weights))
     assert int(worst.forget_mask.sum()) == k
     assert abs(float(worst.selection_weights.sum()) - k) < 1e-3
@@ -132,11 +133,17 @@ def test_easiest_set_reverses_the_order(selections):
     assert not torch.equal(easiest.forget_mask, selections["worst"].forget_mask)
 
 
-def test_binarised_weights_hold_exactly_k_ones(original, tmp_path):
-    model = select(original, False, tmp_path, binarize_every=1, unlearning_methods=[])
+def test_binarised_weights_hold_exactly_k_ones_and_every_method_reports(original, tmp_path):
+    """Binarised selection, then every unlearning method (1 epoch each) judged on it: one report row per method."""
+    model = select(original, False, tmp_path, binarize_every=1, unlearning_methods=list(UNLEARNING_METHODS),
+                   unlearning_epochs=1, random_sets=0, unlearning_options={"iu_samples": 200})
     k = int(model.forget_mask.sum())
     assert set(model.selection_weights.unique().tolist()) == {0.0, 1.0}
     assert int(model.selection_weights.sum()) == k == round(0.1 * len(model.selection_weights))
+    rows = (tmp_path / "unlearning_report.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["original", *UNLEARNING_METHODS]
+    run_times = [float(row.split(",")[-1]) for row in rows[1:]]
+    assert min(run_times) >= 0 and sum(run_times) > 0
 
 
 def test_unlearning_methods_never_modify_the_original_and_move_the_forget_loss(original):
