@@ -1,11 +1,19 @@
 """Ghost batch norm (Hoffer et al. 2017, arXiv:1705.08741): the layer against a chunk-by-chunk reference, the
-conversion, the callback in a Trainer (exact resume, sync_batchnorm rejected, DDP) and the effect on real digits."""
+conversion, the callback in a Trainer (exact resume, sync_batchnorm rejected, DDP) and the papers' config rules.
+
+No test of the generalisation effect: a CPU budget cannot show it. Measured over 10 seeds (8x8 digits, 1,347 train /
+450 test, ConvNet-2 width 16, SGD momentum 0.9; batch 16 at lr 0.02 for 5 epochs; batch 256 at the sqrt-scaled lr
+0.08; ghost BN over virtual batches of 16; regime adaptation = 16x the epochs): mean test accuracy small batch
+0.9878 (sd 0.0073), large 0.9040 (0.0237), large + ghost BN 0.9060 (0.0202), large + regime adaptation 0.9936
+(0.0029), large + ghost BN + regime adaptation 0.9933 (0.0018). Ghost BN minus plain BN, paired by seed:
++0.0020 +- 0.0019 (standard error) without regime adaptation, -0.0002 +- 0.0007 with it: within noise, while
+regime adaptation (the same number of updates as the small batch) closes the whole 8.4-point gap on its own. The
+earlier 4-seed assertion (a 0.27-point margin) was removed for that reason."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from statistics import mean
 
 import lightning as L
 import pytest
@@ -403,60 +411,6 @@ def test_ddp_ranks_split_their_own_batches_like_the_single_process_reference():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
             if "running" not in name and "num_batches" not in name:
                 assert (rank0["state"][name] == rank1["state"][name]).all(), name
-
-
-# -- real data ------------------------------------------------------------------------------------------------------
-def _digits_test_accuracy(
-    batch_size: int, virtual_batch_size: int, lr: float, seed: int, epochs: int = 5
-) -> float:
-    data = DigitsDataModule(seed=0)
-    train_images, train_labels = data.load_split(True)
-    test_images, test_labels = data.load_split(False)
-    train_images = (train_images.float() / 255 - data.mean[0]) / data.std[0]
-    test_images = (test_images.float() / 255 - data.mean[0]) / data.std[0]
-    torch.manual_seed(seed)
-    net = ConvNet(
-        num_classes=10, in_channels=1, depth=2, width=16, norm="batchnorm", image_size=8
-    )
-    if virtual_batch_size:
-        convert_to_ghost_batchnorm(net, virtual_batch_size)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_labels), generator=generator)
-        for start in range(
-            0, len(order) - batch_size + 1, batch_size
-        ):  # full batches only
-            index = order[start : start + batch_size]
-            loss = F.cross_entropy(net(train_images[index]), train_labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    net.eval()
-    with torch.no_grad():
-        return (net(test_images).argmax(1) == test_labels).float().mean().item()
-
-
-@pytest.mark.slow
-def test_ghost_batch_norm_narrows_the_large_batch_gap_on_real_digits():
-    """8x8 digits (1,347 train / 450 test), ConvNet-2 of width 16, SGD momentum 0.9, 5 epochs for every run, seeds
-    0-3. Small batch 16 at lr 0.02; large batch 256 at the paper's sqrt-scaled lr 0.02 * sqrt(256 / 16) = 0.08, with
-    plain batch norm and with ghost batch norm over virtual batches of 16.
-
-    Measured (torch 2.14.1, CPU): mean test accuracy small 0.9889, large 0.9167, large + ghost BN 0.9194; ghost BN
-    was at least as good as plain batch norm for each seed (+0.002, +0.002, 0.000, +0.007). The effect at this
-    scale is small: most of the gap comes from the 16x fewer updates, which ghost BN does not change (the paper's
-    regime adaptation does)."""
-    torch.set_num_threads(1)
-    seeds = range(4)
-    small = [_digits_test_accuracy(16, 0, 0.02, seed) for seed in seeds]
-    large_lr = 0.02 * math.sqrt(256 / 16)
-    large = [_digits_test_accuracy(256, 0, large_lr, seed) for seed in seeds]
-    ghost = [_digits_test_accuracy(256, 16, large_lr, seed) for seed in seeds]
-    assert mean(small) - mean(ghost) < mean(small) - mean(large)
-    assert (
-        mean(small) > mean(large) + 0.03
-    )  # the large-batch gap this test is about exists
 
 
 # -- configs --------------------------------------------------------------------------------------------------------

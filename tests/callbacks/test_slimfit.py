@@ -1,6 +1,15 @@
 """SlimFit: the ILS rule against a hand computation and against a recorded training trace, frozen tensors untouched
 by AdamW (weights and state), low-bit GELU storage (round trip, gradient agreement, saved bytes), resume, bad input.
-The 8-bit linear/attention storage and the frozen-LayerNorm pruning: tests/callbacks/test_slimfit_activations.py."""
+The 8-bit linear/attention storage and the frozen-LayerNorm pruning: tests/callbacks/test_slimfit_activations.py.
+
+No test of the paper's accuracy claim (fine-tuning within 0.4 points of full fine-tuning): it does not hold at CPU
+scale. Measured (seed 0, one thread, under load): the tiny ViT (4 blocks, width 32, 2x2 patches) pre-trained 8
+epochs on digits (AdamW 3e-3, 91.8% test, 15.8% on transposed digits), then fine-tuned 8 epochs on transposed
+digits (AdamW 1e-3, weight decay 0.05, batch 32) through a Trainer: full fine-tuning 0.913, SlimFit defaults
+(freeze 0.9, all compression on) 0.831, freeze 0.75 0.833, freeze 0.5 0.880, freeze 0.9 without compression 0.851,
+compression alone (freeze 0) 0.898, head only 0.540. After 3 epochs (seeds 0/1): full 0.836/0.838, SlimFit
+0.660/0.662, head only 0.264/0.269. With 25 eligible tensors, freezing 90% leaves 2 trainable per step; the
+paper's margin is for ViT-B/BERT-size models."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ and the rise of robust accuracy on real digits."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -217,3 +218,81 @@ def test_adversarial_fine_tuning_raises_robust_accuracy_on_digits(tmp_path):
 )
 def test_slow_start_fast_decay_against_hand_computed_values(decay, step, expected):
     assert SlowStartFastDecay(10, 0.5, decay, 0.01)(step) == pytest.approx(expected, abs=1e-6)
+
+
+PEAK_LR = 0.5
+
+
+def _fine_tune_against_pgd(model: nn.Module, factor, seed: int, pixels, labels, epochs: int = 2) -> None:
+    """``epochs`` of PGD-5 (eps 0.1, alpha 0.025, attack in eval mode) adversarial fine-tuning, SGD momentum 0.9,
+    weight decay 5e-4, batch 64, learning rate ``PEAK_LR * factor(step)`` set before every step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=PEAK_LR, momentum=0.9, weight_decay=5e-4)
+    shuffle = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        for idx in torch.randperm(len(pixels), generator=shuffle).split(64):
+            for group in optimizer.param_groups:
+                group["lr"] = PEAK_LR * factor(step)
+            model.eval()
+            adversarial = pgd_linf(model, pixels[idx], labels[idx], 0.1, 0.025, 5, random_start=True)
+            model.train()
+            loss = F.cross_entropy(model(adversarial), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+
+
+@pytest.mark.slow
+def test_slow_start_fast_decay_beats_a_constant_learning_rate_after_fine_tuning_on_digits():
+    """The card's check (d) of the schedule's claim, at one peak rate: fine-tuned from the same clean ConvNet
+    (5 epochs on 1,300 digits; PGD-10 accuracy 0.324 at eps 0.1 on the 497 others), 2 epochs against PGD-5 at peak
+    rate 0.5 with the slow-start fast-decay schedule (half warm-up, exponential decay to 1%) end with higher clean
+    and PGD-10 accuracy than at the constant rate 0.5, for each of 3 fine-tuning seeds. The schedule is what makes
+    such a peak usable: the constant rate wrecks the pre-trained net. Measured (seeds 0-2): PGD-10
+    0.700/0.668/0.672 vs constant 0.197/0.239/0.139, clean 0.960/0.930/0.952 vs 0.380/0.414/0.328. At lower peaks
+    the two tie within seed noise, so no schedule advantage is claimed there: peak 0.2, PGD-10 0.740/0.714/0.753
+    vs 0.757/0.726/0.726 (clean 0.974/0.960/0.976 vs 0.978/0.956/0.962); peak 0.05 (a pre-training seed per
+    fine-tuning seed) 0.736/0.736/0.736 vs 0.755/0.748/0.678. Checked to fail with the schedule replaced by the constant factor 1 (identical runs)."""
+    from lit_methods.datamodules.digits import load_digits_uint8
+
+    torch.set_num_threads(1)
+    images, labels = load_digits_uint8()
+    pixels = images.float() / 255
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(0))
+    train, held_out = order[:1300], order[1300:]
+    mean, std = pixels[train].mean().item(), pixels[train].std().item()
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(Normalize((mean,), (std,)), _backbone())
+    optimizer = torch.optim.SGD(pretrained.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    shuffle = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for idx in train[torch.randperm(len(train), generator=shuffle)].split(64):
+            loss = F.cross_entropy(pretrained(pixels[idx]), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    def accuracies(model: nn.Module) -> tuple[float, float]:
+        model.eval()
+        torch.manual_seed(123)
+        adversarial = pgd_linf(model, pixels[held_out], labels[held_out], 0.1, 0.025, 10, random_start=True)
+        with torch.no_grad():
+            clean = (model(pixels[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+            robust = (model(adversarial).argmax(1) == labels[held_out]).float().mean().item()
+        return clean, robust
+
+    print(f"before: clean, PGD-10 {accuracies(pretrained)}")
+    total = 2 * math.ceil(len(train) / 64)
+    results = {}
+    for name, factor in (("schedule", SlowStartFastDecay(total, 0.5, "exponential", 0.01)), ("constant", lambda s: 1.0)):
+        results[name] = []
+        for seed in (0, 1, 2):
+            model = copy.deepcopy(pretrained)
+            _fine_tune_against_pgd(model, factor, seed, pixels[train], labels[train])
+            results[name].append(accuracies(model))
+    print(f"(clean, PGD-10) per seed: {results}")
+    scheduled, constant = results["schedule"], results["constant"]
+    assert all(ours[0] > theirs[0] for ours, theirs in zip(scheduled, constant)), results
+    assert all(ours[1] > theirs[1] + 0.2 for ours, theirs in zip(scheduled, constant)), results

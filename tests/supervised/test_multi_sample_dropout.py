@@ -150,6 +150,36 @@ def test_training_loss_against_hand_computed_values():
     assert sum(losses) / len(losses) == pytest.approx(sum(per_mask) / 4, abs=0.1)
 
 
+def test_training_loss_and_logits_for_written_down_masks(monkeypatch):
+    """M = 2 copies, p = 0.5, two samples with features (1, 2) and (3, -1), targets 0 and 1, a shared head
+    W = [[1, -1], [0.5, 2]], b = [0, 1]. Masks written down (the head's dropout is replaced by them, scaled by
+    1 / (1 - p) = 2): copy 0 keeps (1, 0) and (0, 1), copy 1 keeps (0, 1) and (1, 1). Dropped features: copy 0
+    (2, 0), (0, -2); copy 1 (0, 4), (6, -2). Logits by hand: copy 0 (2, 2), (2, -3); copy 1 (-4, 9), (8, 0).
+    Cross-entropies: ln 2 = 0.693147, 5 + ln(1 + e^-5) = 5.006715; 13 + ln(1 + e^-13) = 13.000002,
+    8 + ln(1 + e^-8) = 8.000335. Per-copy means 2.849931 and 10.500169; the loss is their mean, 6.675050 (the loss of
+    the mean logits (-1, 5.5), (5, -1.5) would be 6.5 + ln(1 + e^-6.5) = 6.5015 and 6.5 + ln(1 + e^-6.5) = 6.5015:
+    different). The training logits are the mean of the copies: (-1, 5.5), (5, -1.5)."""
+    import lit_methods.nets.multi_sample_dropout as head_module
+
+    masks = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 1.0]]])  # (copy, sample, feature)
+
+    def written_dropout(copies: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+        assert p == 0.5 and training and copies.shape == masks.shape
+        return copies * masks / (1 - p)
+
+    monkeypatch.setattr(head_module, "F", type("WrittenMasks", (), {"dropout": staticmethod(written_dropout)}))
+    backbone = _TwoFeatures()
+    backbone.fc = nn.Linear(2, 2)
+    with torch.no_grad():
+        backbone.fc.weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 2.0]]))
+        backbone.fc.bias.copy_(torch.tensor([0.0, 1.0]))
+    model = MultiSampleDropoutClassifier(backbone, num_samples=2, dropout=0.5).train()
+    batch = {"inputs": torch.tensor([[1.0, 2.0], [3.0, -1.0]]), "targets": torch.tensor([0, 1])}
+    loss, logits, _ = model.shared_step(batch, "train")
+    assert loss.item() == pytest.approx(6.675050, abs=1e-5)
+    torch.testing.assert_close(logits, torch.tensor([[-1.0, 5.5], [5.0, -1.5]]))
+
+
 def _training_loss_curve(seed: int, num_samples: int, epochs: int) -> list[float]:
     """Full-set training loss (evaluation mode) after each epoch of SGD on the 1797 digits, with the paper's
     dropout 0.5 before the shared head and ``num_samples`` dropout samples per step."""
