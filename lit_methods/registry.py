@@ -264,7 +264,7 @@ _ENTRIES = (
         import_path="lit_methods.distillation.TESLA",
         status="available",
         cpu_config="experiments/tesla/tesla_convnet_digits.yaml",
-        note="build the expert buffer first (tesla_experts_convnet_digits.yaml); no ZCA yet",
+        note="build the expert buffer first (tesla_experts_*.yaml); ZCA buffers for CIFAR",
     ),
     MethodEntry(
         slug="randaugment",

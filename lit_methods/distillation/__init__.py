@@ -4,7 +4,12 @@ from lit_methods.distillation.augment import DSA, ZCAWhitening, flip_doubled
 from lit_methods.distillation.base import DistillationModule
 from lit_methods.distillation.datadam import DataDAM
 from lit_methods.distillation.dcc import DCC
-from lit_methods.distillation.experts import ExpertTrajectorySaver, load_expert_buffer
+from lit_methods.distillation.experts import (
+    ExpertTrajectorySaver,
+    ZCAWhitenedDataModule,
+    load_buffer_zca,
+    load_expert_buffer,
+)
 from lit_methods.distillation.fyi import FYI, DistributionMatching
 from lit_methods.distillation.synset import (
     EvaluationSettings,
@@ -27,9 +32,11 @@ __all__ = [
     "FYI",
     "SyntheticSetEvaluator",
     "TESLA",
+    "ZCAWhitenedDataModule",
     "ZCAWhitening",
     "evaluate_synset",
     "flip_doubled",
+    "load_buffer_zca",
     "load_expert_buffer",
     "load_synset",
     "save_synset",

@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from lit_methods.distillation.augment import flip_doubled
 from lit_methods.distillation.base import DistillationModule, average_across_ranks
-from lit_methods.distillation.experts import load_expert_buffer
+from lit_methods.distillation.experts import load_buffer_zca, load_expert_buffer
 
 __all__ = ["TESLA", "FlatForward", "mtt_gradients", "tesla_gradients", "trajectory_loss"]
 
@@ -114,7 +114,10 @@ class TESLA(DistillationModule):
     each minibatch has ``batch_syn // 2`` images mirror-doubled. The learned rate is not clamped (as the official
     code); it is logged as ``train/syn_lr`` and used by the evaluator.
 
-    Not supported yet: ZCA (experts would have to be trained on whitened data; ``zca=True`` is refused).
+    ZCA (``zca=True``, as MTT/TESLA on CIFAR): the experts must have trained on whitened data (a buffer built with
+    :class:`~lit_methods.distillation.experts.ZCAWhitenedDataModule`); the module then whitens the real data with the
+    buffer's own transform (``zca.pt``, not refitted) and checks that the real training split is the data it was
+    fitted on. A buffer whose ZCA setting differs from ``zca`` is refused at construction, naming both settings.
 
     Args:
         buffer: folder of expert trajectories (``expert_*.pt``) of the same network as the student.
@@ -148,8 +151,6 @@ class TESLA(DistillationModule):
     ) -> None:
         kwargs.setdefault("lr", 1000.0)
         super().__init__(**kwargs)
-        if self.zca is not None:
-            raise ValueError("TESLA with zca=True needs experts trained on whitened data, which is not supported yet")
         counts = (("syn_steps", syn_steps), ("expert_epochs", expert_epochs), ("max_start_epoch", max_start_epoch))
         for name, value in counts:
             if value < 1:
@@ -173,7 +174,37 @@ class TESLA(DistillationModule):
         self.syn_lr = nn.Parameter(torch.tensor(float(lr_teacher)))
         self.register_buffer("soft_label_syn", torch.zeros(self.num_classes * self.ipc, self.num_classes))
         self.forward_fn = FlatForward(self.make_net())
-        self.experts = load_expert_buffer(buffer, self.forward_fn.net, max_start_epoch + expert_epochs)
+        self.experts = load_expert_buffer(
+            buffer, self.forward_fn.net, max_start_epoch + expert_epochs, zca=self.zca is not None
+        )
+        if self.zca is not None:
+            buffer_zca = load_buffer_zca(buffer)
+            if buffer_zca.mean.shape != self.zca.mean.shape:
+                raise ValueError(
+                    f"the buffer's ZCA whitens {buffer_zca.mean.numel()} features, the images have "
+                    f"{self.zca.mean.numel()}"
+                )
+            self.zca.eps = buffer_zca.eps
+            self.zca.load_state_dict(buffer_zca.state_dict())
+
+    def attach_real_data(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        to_inputs: Callable[[Tensor], Tensor],
+        test_source: Callable[[], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """As the base; with ``zca`` the real training split must be the data the buffer's ZCA was fitted on (same
+        mean within 1e-4), so that the synthetic set lives in the experts' input space."""
+        if self.zca is not None:
+            mean = to_inputs(images).reshape(len(images), -1).double().mean(0).float()
+            gap = float((mean - self.zca.mean.to(mean.device)).abs().max())
+            if gap > 1e-4:
+                raise ValueError(
+                    f"the real training split is not the data the buffer's ZCA was fitted on (their means differ by "
+                    f"up to {gap:.3g}): distil on the experts' training split"
+                )
+        super().attach_real_data(images, labels, to_inputs, test_source)
 
     def synthetic_parameters(self) -> list[nn.Parameter]:
         return [self.image_syn, self.syn_lr]

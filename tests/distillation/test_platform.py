@@ -130,3 +130,45 @@ def test_two_ranks_equal_one_process_doing_both_ranks_work(monkeypatch):
         single.append(attached(DataDAM, ipc=2, batch_real=16).image_gradients()[1][0])
     assert not torch.allclose(single[0], single[1])  # the ranks really did different work
     torch.testing.assert_close(rank0, (single[0] + single[1]) / 2, atol=1e-6, rtol=1e-5)
+
+
+DDP_STEPS = 3
+
+
+class BothRanksDataDAM(DataDAM):
+    """The one-process reference of a 2-rank run: each step computes rank 0's and rank 1's image gradient (their own
+    nets, real batches and DSA, as the ranks draw them) and steps with their mean."""
+
+    def image_gradients(self):
+        losses, grads = [], []
+        original = distillation_base.process_rank
+        try:
+            for rank in (0, 1):
+                distillation_base.process_rank = lambda rank=rank: rank
+                loss, rank_grads = super().image_gradients()
+                losses.append(loss)
+                grads.append(rank_grads)
+        finally:
+            distillation_base.process_rank = original
+        return (losses[0] + losses[1]) / 2, [(a + b) / 2 for a, b in zip(*grads)]
+
+
+def _fit_synthetic_set(cls: type, devices: int, strategy: str) -> torch.Tensor:
+    torch.set_num_threads(1)
+    module = cls(ipc=2, batch_real=16, **TINY_NET)
+    cpu_trainer(devices=devices, strategy=strategy, max_steps=DDP_STEPS, max_epochs=-1).fit(module, datamodule=digits())
+    return module.image_syn.detach().clone()
+
+
+@pytest.mark.ddp
+def test_lightning_ddp_trainer_equals_one_process_averaging_both_ranks():
+    """``Trainer(strategy="ddp", accelerator="cpu", devices=2)``, 3 DataDAM steps: both ranks end with the same
+    synthetic set, bitwise equal to one process that, at every step, averages the gradients of the work of rank 0 and
+    rank 1 (two all-reduced float values are summed the same way in both runs, so equality is exact). Checked to
+    fail for a no-op: without the all-reduce each rank steps with its own gradient and the ranks differ."""
+    rank0, rank1 = run_distributed(_fit_synthetic_set, DataDAM, 2, "ddp")
+    reference = _fit_synthetic_set(BothRanksDataDAM, 1, "auto")
+    alone = _fit_synthetic_set(DataDAM, 1, "auto")
+    assert torch.equal(rank0, rank1)
+    assert torch.equal(rank0, reference)
+    assert not torch.allclose(alone, reference)  # rank 1's work really changed the result

@@ -1,15 +1,19 @@
-"""TESLA: the first-order identity of its constant-memory gradient, closeness to full MTT, soft labels, buffers."""
+"""TESLA: the first-order identity of its constant-memory gradient, closeness to full MTT, soft labels, buffers,
+ZCA buffers."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_methods.distillation.experts import load_expert_buffer
+from lit_methods.distillation.augment import ZCAWhitening
+from lit_methods.distillation.experts import ZCA_FILE, ZCAWhitenedDataModule, load_expert_buffer
 from lit_methods.distillation.tesla import TESLA, FlatForward, mtt_gradients, tesla_gradients, trajectory_loss
 from lit_methods.nets import ConvNet
-from tests.distillation.conftest import EXPERT_EPOCHS
+from tests.distillation.conftest import EXPERT_EPOCHS, ZCA_EXPERT_EPOCHS, pixel_digits
 from tests.distillation.helpers import TINY_NET, attached
 
 STEPS, BATCH = 5, 4
@@ -88,3 +92,65 @@ def test_missing_or_mismatched_buffers_are_refused_at_construction(expert_buffer
         TESLA(buffer=str(expert_buffer), expert_epochs=2, max_start_epoch=EXPERT_EPOCHS, **TINY_NET)
     student = TESLA(buffer=str(expert_buffer), max_start_epoch=1, **TINY_NET).forward_fn.net
     assert [len(t) for t in load_expert_buffer(expert_buffer, student, EXPERT_EPOCHS)] == [EXPERT_EPOCHS + 1] * 2
+
+
+def test_zca_buffer_round_trip(zca_expert_buffer):
+    """The ZCA datamodule whitens every batch with a transform fitted on the training split's pixels; the saver writes
+    that transform to zca.pt and records it in the expert file; TESLA(zca=True) reads the experts and takes the
+    buffer's transform as its own. Checked to fail for a no-op: a wrapper returning the batches unwhitened fails the
+    batch comparison, a saver that records nothing fails on the missing zca.pt / record."""
+    pixels = pixel_digits()
+    reference = ZCAWhitening(64).fit(pixels.to_inputs(pixels.train_images).float())
+    saved = torch.load(zca_expert_buffer / ZCA_FILE, weights_only=True)
+    torch.testing.assert_close(saved["mean"], reference.mean)
+    torch.testing.assert_close(saved["matrix"], reference.matrix)
+    assert saved["eps"] == 0.1
+    record = torch.load(zca_expert_buffer / "expert_0.pt", weights_only=True)["zca"]
+    assert record["eps"] == 0.1 and torch.equal(record["mean"], saved["mean"])
+
+    datamodule = ZCAWhitenedDataModule(pixel_digits())
+    datamodule.setup("fit")
+    assert datamodule.inputs_normalized
+    batch = next(iter(datamodule.val_dataloader()))
+    whitened = datamodule.on_after_batch_transfer(batch, 0)["inputs"]
+    torch.testing.assert_close(whitened, reference(pixels.to_inputs(batch["inputs"]).float()))
+
+    module = TESLA(buffer=str(zca_expert_buffer), zca=True, max_start_epoch=1, **_pixel_kwargs())
+    assert len(module.experts) == 1 and len(module.experts[0]) == ZCA_EXPERT_EPOCHS + 1
+    torch.testing.assert_close(module.zca.matrix, saved["matrix"])
+    assert bool(module.zca.fitted)
+
+
+def _pixel_kwargs() -> dict:
+    return TINY_NET | {"inputs_normalized": False, "mean": (0.3053,), "std": (0.3759,)}
+
+
+def test_zca_setting_mismatch_is_refused_naming_both_settings(expert_buffer, zca_expert_buffer, tmp_path):
+    with pytest.raises(ValueError, match=r"zca=False \(experts trained on unwhitened.*student has zca=True"):
+        TESLA(buffer=str(expert_buffer), zca=True, max_start_epoch=1, **_pixel_kwargs())
+    with pytest.raises(ValueError, match=r"zca=True \(eps 0.1\).*student has zca=False"):
+        TESLA(buffer=str(zca_expert_buffer), max_start_epoch=1, **TINY_NET)
+    # an expert that records ZCA in a buffer without the transform
+    shutil.copy(zca_expert_buffer / "expert_0.pt", tmp_path / "expert_0.pt")
+    with pytest.raises(ValueError, match="zca.pt is missing"):
+        TESLA(buffer=str(tmp_path), zca=True, max_start_epoch=1, **_pixel_kwargs())
+    # real data other than the split the buffer's ZCA was fitted on
+    module = TESLA(buffer=str(zca_expert_buffer), zca=True, max_start_epoch=1, **_pixel_kwargs())
+    pixels = pixel_digits()
+    with pytest.raises(ValueError, match="not the data the buffer's ZCA was fitted on"):
+        module.attach_real_data(pixels.train_images.flip(-1), pixels.train_labels, pixels.to_inputs)
+
+
+def test_a_tiny_zca_tesla_step_is_finite(zca_expert_buffer):
+    """Two student steps in ZCA space from the whitened experts: a finite loss and finite, non-zero gradients for the
+    images and the learned rate; the initial synthetic images are whitened real images."""
+    module = TESLA(buffer=str(zca_expert_buffer), zca=True, syn_steps=2, max_start_epoch=1, ipc=1, **_pixel_kwargs())
+    pixels = pixel_digits()
+    module.attach_real_data(pixels.train_images, pixels.train_labels, pixels.to_inputs)
+    whitened = module.zca(pixels.to_inputs(pixels.train_images).float())
+    assert all((whitened - image).abs().amax((1, 2, 3)).min() == 0 for image in module.image_syn.detach())
+    loss, (grad_images, grad_lr) = module.image_gradients()
+    assert torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(grad_images).all() and grad_images.abs().sum() > 0
+    assert torch.isfinite(grad_lr).all() and grad_lr != 0
+    assert module.synthetic_set()["space"] == "zca"
