@@ -8,11 +8,12 @@ one, and the next step starts from the nominal timestep again. This is what the 
 timestep; only the target alpha_bar moves), which produced the paper's numbers. No network call is added. Wraps our
 :class:`~lit_methods.diffusion.samplers.DDIMSampler` and :class:`~lit_methods.diffusion.samplers.DDPMSampler`.
 
-The window is the official one: ``[t_next - window // 2, t_next + window // 2]`` clipped to ``[0, T)`` only, so a
-window wider than twice the grid stride ``T // S`` reaches above the step's own timestep ``t`` (the deterministic
-DDIM transfer then moves towards more noise, as the official ``transfer`` does). A stochastic step (DDPM, DDIM with
-eta > 0) has no posterior for a target above ``t`` (its variance ``1 - alpha_bar_t / alpha_bar_tau`` is negative;
-the official ``ddpm`` step takes its square root and gives NaN), so such a window is refused at construction.
+The window is the official one: ``[t_next - window // 2, t_next + window // 2]`` clipped to ``[0, T)`` only (the
+official upper-edge branch reads a missing attribute; we clip), so with ``window // 2`` above the grid stride
+``T // S`` it reaches above the step's own timestep ``t`` (the deterministic DDIM transfer then moves towards more
+noise, as the official ``transfer`` does). A stochastic step (DDPM, DDIM with eta > 0) has no posterior for a target
+above ``t`` (its variance ``1 - alpha_bar_t / alpha_bar_tau`` is negative; the official ``ddpm`` step takes its
+square root and gives NaN), so such a window is refused at construction.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class TimeShiftSampler:
     Args:
         base: the sampler whose grid, updates and noise it uses.
         window: width of the search window in training timesteps (``|tau - t_next| <= window // 2``); 1 gives the
-            base sampler bitwise. With a stochastic base (DDPM, DDIM eta > 0) ``window // 2`` must stay below the
+            base sampler bitwise. With a stochastic base (DDPM, DDIM eta > 0) ``window // 2`` must not exceed the
             grid stride ``T // S`` (a larger window is a ``ValueError``, see the module doc).
         cutoff: only steps whose nominal next timestep is above it are shifted (the criterion ignores the data's
             variance, which dominates at low noise); ``cutoff >= T`` gives the base sampler bitwise.
