@@ -543,7 +543,7 @@ _ENTRIES = (
         import_path="lit_methods.diffusion.TimeShiftSampler",
         status="available",
         cpu_config="experiments/time-shift/time-shift_mlp_digits.yaml",
-        note="on DDIM and DDPM (the official code's 'shift the target' variant)",
+        note="on DDIM and DDPM (official 'shift the target' window); DDPM refuses window // 2 > T // S",
     ),
     MethodEntry(
         slug="cabage",

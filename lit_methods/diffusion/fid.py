@@ -10,6 +10,7 @@ those pass ``fid_features: 2048`` (torchmetrics' Inception, needs torch-fidelity
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,11 @@ class ClassifierFeatures(nn.Module):
         if len(mean) != in_channels or len(std) != in_channels:
             raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need one value per channel ({in_channels})")
         if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise FileNotFoundError(
+                    f"FID classifier checkpoint={checkpoint!r} does not exist: train the classifier first (on digits "
+                    "`lit-methods fit --config experiments/diffusion/fid-classifier_convnet_digits.yaml` writes "
+                    "logs/fid-classifier_convnet_digits/version_0/checkpoints/last.ckpt)")
             load_pretrained_weights(classifier, checkpoint, {checkpoint_prefix: ""})
         self.classifier = classifier.eval().requires_grad_(False)
         self.head = linears[-1]

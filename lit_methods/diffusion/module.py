@@ -31,9 +31,12 @@ from lit_methods.diffusion.samplers import DDIMSampler, DDPMSampler, EpsFn, chec
 from lit_methods.diffusion.schedules import BETA_SCHEDULES, make_alphas_cumprod
 from lit_methods.diffusion.time_shift import TimeShiftSampler
 
-__all__ = ["SAMPLERS", "Diffusion", "make_sampler", "tiny_unet"]
+__all__ = ["SAMPLERS", "SAMPLING_ARGUMENTS", "Diffusion", "make_sampler", "tiny_unet"]
 
 SAMPLERS = ("ddpm", "ddim", "f-pndm", "s-pndm")
+#: arguments that say how to sample and evaluate, not what was trained: left out of the checkpoint's hyper-parameters
+SAMPLING_ARGUMENTS = ("sampler", "sampling_steps", "eta", "guidance", "time_shift_window", "time_shift_cutoff",
+                      "num_grid_samples", "fid_features", "fid_num_samples", "sample_seed")
 Sampler = DDPMSampler | DDIMSampler | PNDMSampler | TimeShiftSampler
 
 
@@ -85,7 +88,11 @@ class Diffusion(MethodBase):
 
     Sampling (validation grids, ``predict``, FID in ``test``) uses the EMA weights with ``sampler`` at
     ``sampling_steps``. ``lit-methods test --ckpt_path ... --model.fid_features ...`` computes FID of the checkpoint's
-    samples against the test split; ``lit-methods predict`` writes sample grids.
+    samples against the test split; ``lit-methods predict`` writes sample grids. The sampling and evaluation
+    arguments (:data:`SAMPLING_ARGUMENTS`) are not saved with the checkpoint's hyper-parameters: Lightning's CLI
+    replaces the config and command-line values of a run given ``--ckpt_path`` by the checkpoint's, which would
+    evaluate every checkpoint with its training-time sampler and without FID features. Pass them again to
+    ``Diffusion.load_from_checkpoint`` (their defaults otherwise).
 
     Args:
         unet: the noise predictor ``unet(x, t[, class_labels])`` returning eps (or an object with ``.sample``, as
@@ -183,7 +190,7 @@ class Diffusion(MethodBase):
         super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          optimizer=optimizer, lr_scheduler=lr_scheduler, mean=mean, std=std,
                          inputs_normalized=inputs_normalized)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(SAMPLING_ARGUMENTS))
         drop_object_hyperparameters(self)
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
@@ -413,6 +420,20 @@ class Diffusion(MethodBase):
         return images
 
     # -- FID -----------------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The FID feature extractor is not saved: its weights come from its own checkpoint (``fid_features``)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("fid.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holds no FID extractor (see :meth:`on_save_checkpoint`): this run's own ``fid_features``
+        are kept, so a checkpoint trained without FID can be evaluated with it."""
+        super().on_load_checkpoint(checkpoint)
+        state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("fid.")}
+        if self.fid is not None:
+            state.update({f"fid.{k}": v for k, v in self.fid.state_dict().items()})
+        checkpoint["state_dict"] = state
+
     def on_test_epoch_start(self) -> None:
         self._test_real = 0
 

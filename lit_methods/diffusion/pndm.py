@@ -21,17 +21,24 @@ from torch import Tensor
 
 from lit_methods.diffusion.samplers import Alpha, EpsFn, leading_timesteps
 
-__all__ = ["PNDM_METHODS", "PNDMSampler", "transfer"]
+__all__ = ["PNDM_METHODS", "PNDMSampler", "transfer", "transfer_coefficients"]
 
 PNDM_METHODS = ("f-pndm", "s-pndm", "ddim")
 _PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
+def transfer_coefficients(alpha_t: Alpha, alpha_next: Alpha) -> tuple[Alpha, Alpha]:
+    """(a, b) of the transfer phi(x, eps) = a x - b eps from noise level alpha_bar_t to alpha_bar_t' (eq. 9):
+    a = sqrt(ab'/ab), b = (ab' - ab) / (ab sqrt(1 - ab') + sqrt(ab (1 - ab) ab'))."""
+    denominator = alpha_t * (1 - alpha_next) ** 0.5 + (alpha_t * (1 - alpha_t) * alpha_next) ** 0.5
+    return (alpha_next / alpha_t) ** 0.5, (alpha_next - alpha_t) / denominator
+
+
 def transfer(x: Tensor, eps: Tensor, alpha_t: Alpha, alpha_next: Alpha) -> Tensor:
     """phi: the deterministic DDIM step from noise level alpha_bar_t to alpha_bar_t' (the paper's eq. 9):
     x' = sqrt(ab'/ab) x - (ab' - ab) eps / (ab sqrt(1 - ab') + sqrt(ab (1 - ab) ab'))."""
-    denominator = alpha_t * (1 - alpha_next) ** 0.5 + (alpha_t * (1 - alpha_t) * alpha_next) ** 0.5
-    return (alpha_next / alpha_t) ** 0.5 * x - ((alpha_next - alpha_t) / denominator) * eps
+    scale, eps_weight = transfer_coefficients(alpha_t, alpha_next)
+    return scale * x - eps_weight * eps
 
 
 class PNDMSampler:
@@ -89,7 +96,9 @@ class PNDMSampler:
         return eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
 
     def _phi(self, x: Tensor, eps: Tensor, t: int, target: int) -> Tensor:
-        return transfer(x, eps, self.alpha_bar(t), self.alpha_bar(target))
+        """:func:`transfer` with float coefficients, as one product and one fused in-place update."""
+        scale, eps_weight = transfer_coefficients(self.alpha_bar(t), self.alpha_bar(target))
+        return x.mul(scale).sub_(eps, alpha=eps_weight)
 
     def _start_step(self, eps_fn: EpsFn, x: Tensor, t: int, target: int, history: list[Tensor]) -> Tensor:
         """Pseudo Runge-Kutta (F-PNDM) or pseudo improved Euler (S-PNDM); only e1 enters the history."""
@@ -97,21 +106,22 @@ class PNDMSampler:
         history.append(e1)
         if self.method == "s-pndm":
             e2 = self._eps(eps_fn, self._phi(x, e1, t, target), target)
-            return self._phi(x, (e1 + e2) / 2, t, target)
+            return self._phi(x, e1.add(e2).mul_(0.5), t, target)
         mid = t - self.stride // 2
         e2 = self._eps(eps_fn, self._phi(x, e1, t, mid), mid)
         e3 = self._eps(eps_fn, self._phi(x, e2, t, mid), mid)
         e4 = self._eps(eps_fn, self._phi(x, e3, t, target), target)
-        return self._phi(x, e1 / 6 + e2 / 3 + e3 / 3 + e4 / 6, t, target)
+        eps = e1.mul(1 / 6).add_(e2, alpha=1 / 3).add_(e3, alpha=1 / 3).add_(e4, alpha=1 / 6)
+        return self._phi(x, eps, t, target)
 
     def _plms_step(self, eps_fn: EpsFn, x: Tensor, t: int, target: int, history: list[Tensor],
                    order: int) -> Tensor:
         history.append(self._eps(eps_fn, x, t))
         del history[:-order]
         weights = _PLMS_WEIGHTS[order]
-        eps = weights[0] * history[-1]
+        eps = history[-1].mul(weights[0])
         for weight, past in zip(weights[1:], reversed(history[:-1])):
-            eps = eps + weight * past
+            eps.add_(past, alpha=weight)
         return self._phi(x, eps, t, target)
 
     def __repr__(self) -> str:

@@ -153,6 +153,8 @@ class DDIMSampler(StepSampler):
 
     def update(self, x: Tensor, eps: Tensor, alpha_t: Alpha, alpha_prev: Alpha, noise: Tensor | None) -> Tensor:
         x0 = (x - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
+        if self.eta == 0:  # deterministic; also defined for a target noisier than t (the time shift may pick one)
+            return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
         std = self.eta * variance**0.5
         x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps

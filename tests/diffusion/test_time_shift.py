@@ -32,20 +32,39 @@ def test_a_wide_window_changes_the_samples():
 
 @pytest.mark.parametrize(("nominal", "window"), [(500, 30), (10, 40), (995, 20), (400, 7)])
 def test_selection_is_the_brute_force_argmin_per_sample(nominal, window):
-    """Samples of variances spread over the window's noise levels (and beyond), one selection per sample."""
+    """Samples of variances spread over the window's noise levels (and beyond), one selection per sample; the window
+    is the official one (clipped to [0, T) only)."""
     generator = torch.Generator().manual_seed(nominal)
     variances = torch.linspace(0.0, 1.2, 16, dtype=torch.float64)
     x = torch.randn(16, 3, 8, 8, generator=generator, dtype=torch.float64)
     x = x / x.flatten(1).std(dim=1).view(-1, 1, 1, 1) * variances.sqrt().view(-1, 1, 1, 1)
-    current = nominal + 5  # the step's own timestep bounds the window from above
-    chosen = select_shifted_timesteps(x, nominal, ALPHAS, window, current=current)
+    chosen = select_shifted_timesteps(x, nominal, ALPHAS, window)
     for i in range(16):
         variance = float(x[i].flatten().var())
-        window_steps = [tau for tau in range(nominal - window // 2, nominal + window // 2 + 1)
-                        if 0 <= tau < min(1000, current)]
+        window_steps = [tau for tau in range(nominal - window // 2, nominal + window // 2 + 1) if 0 <= tau < 1000]
         best = min(window_steps, key=lambda tau: abs(variance - (1 - float(ALPHAS[tau]))))
         assert int(chosen[i]) == best
     assert len(set(chosen.tolist())) > 1  # per sample, not per batch
+
+
+def test_a_window_wider_than_the_stride_may_target_above_the_current_step_as_the_official_code():
+    """DDIM (eta 0) with S=20 (stride 50) and window 120: as in the official TS-DPM code the window is not capped at
+    the step's own timestep, so under exposure bias (eps_hat = 0.9 eps: samples noisier than nominal) some samples
+    step to a target above t, and the samples stay finite with a lower variance error than window 30 (0.046 vs 0.112
+    vs 0.144 unshifted when written). Capping the window below t (the former deviation) fails the first assertion."""
+    model = GaussianModel(eps_factor=0.9)
+    x_T = torch.randn(500, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    base = DDIMSampler(ALPHAS, 20)
+    wide = TimeShiftSampler(base, 120, 300)
+    samples = wide.sample(model.eps, x_T)
+    assert any(bool((shifted > nominal + 50).any()) for nominal, shifted in wide.last_shifts)
+    assert samples.isfinite().all()
+    true_variance = model.marginal_std(base.final_alpha_cumprod) ** 2
+
+    def variance_error(result):
+        return float((result.var(dim=0) - true_variance).abs().mean())
+
+    assert variance_error(samples) < variance_error(TimeShiftSampler(base, 30, 300).sample(model.eps, x_T))
 
 
 def test_no_extra_network_calls():
@@ -78,3 +97,10 @@ def test_time_shift_bad_inputs_are_named():
         TimeShiftSampler(DDIMSampler(ALPHAS, 10), 0, 300)
     with pytest.raises(ValueError, match="cutoff=-1"):
         TimeShiftSampler(DDIMSampler(ALPHAS, 10), 5, -1)
+    # a stochastic step has no posterior above its own timestep (the official code's square root gives NaN there)
+    for stochastic in (DDPMSampler(ALPHAS, 20), DDIMSampler(ALPHAS, 20, eta=0.5)):
+        with pytest.raises(ValueError, match="window=103"):
+            TimeShiftSampler(stochastic, 103, 300)
+        TimeShiftSampler(stochastic, 101, 300)  # reaches t at most: allowed
+        TimeShiftSampler(stochastic, 103, 1000)  # nothing is shifted
+    TimeShiftSampler(DDIMSampler(ALPHAS, 20), 103, 300)
