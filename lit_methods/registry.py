@@ -641,7 +641,7 @@ _ENTRIES = (
         import_path="lit_methods.ssl.Hallucinator",
         status="available",
         cpu_config="experiments/hallucinator/hallucinator_convnet_digits.yaml",
-        note="an option of SimCLR, SimSiam and MoCo v2; ContrastiveCrop not included",
+        note="option of SimCLR/SimSiam/MoCo v2; no ContrastiveCrop; gain over plain not reproduced on CPU digits",
     ),
     MethodEntry(
         slug="pndm",
