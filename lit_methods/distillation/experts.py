@@ -67,8 +67,6 @@ class ZCAWhitenedDataModule(WrappingDataModule):
 
     def __init__(self, datamodule: InMemoryVisionDataModule, eps: float = 0.1) -> None:
         super().__init__(datamodule)
-        if not isinstance(datamodule, InMemoryVisionDataModule):
-            raise ValueError(f"ZCAWhitenedDataModule wraps an InMemoryVisionDataModule, got {datamodule!r}")
         if datamodule.inputs_normalized:
             raise ValueError(
                 f"ZCAWhitenedDataModule whitens [0, 1] pixels: build {type(datamodule).__name__} with normalize=false"
@@ -81,36 +79,12 @@ class ZCAWhitenedDataModule(WrappingDataModule):
         """True: the whitened inputs are what the model takes (no normalization on top)."""
         return True
 
-    @property
-    def train_images(self) -> Tensor | None:
-        return self.datamodule.train_images
-
-    @property
-    def train_labels(self) -> Tensor | None:
-        return self.datamodule.train_labels
-
-    def prepare_data(self) -> None:
-        self.datamodule.prepare_data()
-
     def setup(self, stage: str | None = None) -> None:
-        self.datamodule.trainer = self.trainer
-        self.datamodule.setup(stage)
+        super().setup(stage)
         if self.datamodule.train_images is None:  # test/predict only: the transform needs the training split
             self.datamodule.setup("fit")
         if not bool(self.zca.fitted):
             self.zca.fit(self.datamodule.to_inputs(self.datamodule.train_images).float())
-
-    def train_dataloader(self) -> Any:
-        return self.datamodule.train_dataloader()
-
-    def val_dataloader(self) -> Any:
-        return self.datamodule.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        return self.datamodule.test_dataloader()
-
-    def predict_dataloader(self) -> Any:
-        return self.datamodule.predict_dataloader()
 
     def to_inputs(self, pixels: Tensor) -> Tensor:
         """Pixels as the whitened inputs this datamodule yields."""
