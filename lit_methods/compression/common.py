@@ -1,18 +1,19 @@
-"""Lightning glue shared by the compression family: per-layer sparsity logged as scalars and as a bar-chart PNG."""
+"""Pieces shared by the compression family: per-layer sparsity logged as scalars and as a bar-chart PNG, and the
+per-layer weight masks of the unstructured methods."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from torch import Tensor
+from torch import Tensor, nn
 
 from lit_methods.pruning.report import save_sparsity_bar_chart
 
-__all__ = ["example_inputs", "log_sparsity", "save_sparsity_figure"]
+__all__ = ["MaskedLayers", "example_inputs", "log_sparsity", "save_sparsity_figure"]
 
 
 def log_sparsity(module: L.LightningModule, sparsity: Mapping[str, float], tag: str) -> str | None:
@@ -54,3 +55,32 @@ def example_inputs(in_channels: int | None, image_size: tuple[int, int] | None, 
             f"from the datamodule), got in_channels={in_channels}, image_size={image_size}"
         )
     return torch.zeros(1, in_channels, *image_size)
+
+
+class MaskedLayers:
+    """Mixin of the modules that prune ``backbone`` weights unstructured: one mask buffer per pruned layer (in
+    ``self.masks`` as ``layer0``, ``layer1``, ...; so checkpoints hold the masks), all ones at the start."""
+
+    backbone: nn.Module
+    layer_names: list[str]
+    masks: nn.Module
+
+    def init_masks(self, layer_names: Sequence[str]) -> None:
+        """Masks of ones for the backbone layers named ``layer_names`` (call once, in ``__init__``)."""
+        modules = dict(self.backbone.named_modules())
+        self.layer_names = list(layer_names)
+        self.masks = nn.Module()
+        for i, name in enumerate(self.layer_names):
+            self.masks.register_buffer(f"layer{i}", torch.ones_like(modules[name].weight))
+
+    def weights(self) -> dict[str, Tensor]:
+        modules = dict(self.backbone.named_modules())
+        return {name: modules[name].weight for name in self.layer_names}
+
+    def mask_dict(self) -> dict[str, Tensor]:
+        return {name: getattr(self.masks, f"layer{i}") for i, name in enumerate(self.layer_names)}
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for weight, mask in zip(self.weights().values(), self.mask_dict().values()):
+            weight.mul_(mask)

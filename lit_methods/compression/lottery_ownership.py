@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_methods.base import ImageClassifier
-from lit_methods.compression.common import log_sparsity
+from lit_methods.compression.common import MaskedLayers, log_sparsity
 from lit_methods.pruning.ownership import (
     bit_match,
     deterministic_signature,
@@ -28,7 +28,7 @@ __all__ = ["LotteryOwnership"]
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
-class LotteryOwnership(ImageClassifier):
+class LotteryOwnership(MaskedLayers, ImageClassifier):
     """Masked training of a sparse network whose mask carries an ownership signature (Chen et al.,
     https://arxiv.org/abs/2111.00162, the embedded-signature scheme, with the extreme-ticket path pruning).
 
@@ -111,27 +111,12 @@ class LotteryOwnership(ImageClassifier):
         self.path_prune_paths = path_prune_paths
         self.path_layers = path_layers
         self.seed = seed
-        self.layer_names = [n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES)]
-        self.masks = nn.Module()
-        for i, name in enumerate(self.layer_names):
-            self.masks.register_buffer(f"layer{i}", torch.ones_like(modules[name].weight))
+        self.init_masks([n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES)])
         self.register_buffer("code", code)
         self.register_buffer("payload_mask", payload_mask)
         self.register_buffer("offset", torch.full((2,), -1, dtype=torch.long))
 
     # -- masks -------------------------------------------------------------------------------------------------
-    def weights(self) -> dict[str, Tensor]:
-        modules = dict(self.backbone.named_modules())
-        return {name: modules[name].weight for name in self.layer_names}
-
-    def mask_dict(self) -> dict[str, Tensor]:
-        return {name: getattr(self.masks, f"layer{i}") for i, name in enumerate(self.layer_names)}
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        for weight, mask in zip(self.weights().values(), self.mask_dict().values()):
-            weight.mul_(mask)
-
     @torch.no_grad()
     def build_masks(self) -> None:
         """Initial masks, path pruning and the embedded signature (what a fresh fit starts with)."""

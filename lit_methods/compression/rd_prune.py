@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_methods.base import ImageClassifier
-from lit_methods.compression.common import example_inputs, log_sparsity
+from lit_methods.compression.common import MaskedLayers, example_inputs, log_sparsity
 from lit_methods.datamodules.batch import as_batch
 from lit_methods.pruning.rate_distortion import dp_allocate, fill_budget, magnitude_mask, rd_curves
 
@@ -20,7 +20,7 @@ __all__ = ["RDPrune"]
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
-class RDPrune(ImageClassifier):
+class RDPrune(MaskedLayers, ImageClassifier):
     """Iterative unstructured pruning whose per-layer sparsities minimise the output distortion (Xu et al.,
     https://arxiv.org/abs/2308.10438).
 
@@ -89,8 +89,8 @@ class RDPrune(ImageClassifier):
         unknown = [name for name in exclude if not isinstance(modules.get(name), PRUNABLE_TYPES)]
         if unknown:
             raise ValueError(f"exclude names {unknown}, which are not conv/linear layers of {type(backbone).__name__}")
-        self.layer_names = [n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES) and n not in exclude]
-        if not self.layer_names:
+        layer_names = [n for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES) and n not in exclude]
+        if not layer_names:
             raise ValueError(f"{type(backbone).__name__} has no conv/linear layer to prune")
         self.amount_per_iteration = amount_per_iteration
         self.num_iterations = num_iterations
@@ -99,26 +99,12 @@ class RDPrune(ImageClassifier):
         self.grid_size = grid_size
         self.worst_case = worst_case
         self.budget_unit = budget_unit
-        self.masks = nn.Module()  # a container of buffers, one per layer (so checkpoints hold the masks)
-        for i, name in enumerate(self.layer_names):
-            self.masks.register_buffer(f"layer{i}", torch.ones_like(modules[name].weight))
+        self.init_masks(layer_names)
         self.register_buffer("calibration_inputs", torch.zeros(calibration_size, *shape))
         self.register_buffer("calibration_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("iterations_done", torch.zeros((), dtype=torch.long))
 
     # -- masks -------------------------------------------------------------------------------------------------
-    def weights(self) -> dict[str, Tensor]:
-        modules = dict(self.backbone.named_modules())
-        return {name: modules[name].weight for name in self.layer_names}
-
-    def mask_dict(self) -> dict[str, Tensor]:
-        return {name: getattr(self.masks, f"layer{i}") for i, name in enumerate(self.layer_names)}
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        for (name, weight), mask in zip(self.weights().items(), self.mask_dict().values()):
-            weight.mul_(mask)
-
     def sparsity(self) -> float:
         masks = list(self.mask_dict().values())
         return 1.0 - sum(float(m.sum()) for m in masks) / sum(m.numel() for m in masks)
