@@ -483,9 +483,12 @@ class InMemoryVisionDataModule(VisionDataModule):
             normalize=self.inputs_normalized,
         )
 
-    def _loader(
+    def loader_of(
         self, images: Tensor | None, labels: Tensor | None, train: bool, extras: Mapping[str, Tensor] | None = None
     ) -> Any:
+        """A loader over ``images`` (uint8, as the splits) and ``labels`` with this datamodule's batch sizes,
+        sharding, seed and transforms (``train`` selects shuffling, ``drop_last`` and the training transforms);
+        ``extras`` are per-sample tensors carried as extra batch fields. Wrappers build their loaders with it."""
         if images is None or labels is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not loaded this split yet")
         if not self.fast_loader:
@@ -504,15 +507,15 @@ class InMemoryVisionDataModule(VisionDataModule):
         return InMemoryBatchLoader(images, labels, sampler, pin_memory=self.pin_memory, extras=extras)
 
     def train_dataloader(self) -> Any:
-        return self._loader(self.train_images, self.train_labels, train=True)
+        return self.loader_of(self.train_images, self.train_labels, train=True)
 
     def val_dataloader(self) -> Any:
         if self.val_split:
-            return self._loader(self.val_images, self.val_labels, train=False)
-        return self._loader(self.test_images, self.test_labels, train=False)
+            return self.loader_of(self.val_images, self.val_labels, train=False)
+        return self.loader_of(self.test_images, self.test_labels, train=False)
 
     def test_dataloader(self) -> Any:
-        return self._loader(self.test_images, self.test_labels, train=False)
+        return self.loader_of(self.test_images, self.test_labels, train=False)
 
     def predict_dataloader(self) -> Any:
         return self.test_dataloader()

@@ -88,7 +88,7 @@ class _SubgroupMixin:
             self.test_subgroups = self.subgroups_of(self.test_labels)
 
     def test_dataloader(self) -> Any:
-        return self._loader(self.test_images, self.test_labels, train=False, extras={"subgroup": self.test_subgroups})
+        return self.loader_of(self.test_images, self.test_labels, train=False, extras={"subgroup": self.test_subgroups})
 
 
 class CIFAR10BDataModule(_SubgroupMixin, CIFAR10DataModule):

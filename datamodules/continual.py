@@ -31,7 +31,7 @@ from torchvision.datasets.vision import StandardTransform
 
 from lit_methods.datamodules.base import InMemoryVisionDataModule
 from lit_methods.datamodules.batch import INPUTS, TARGETS
-from lit_methods.datamodules.fast import InMemoryBatchLoader, ShardedEpochSampler
+from lit_methods.datamodules.fast import InMemoryBatchLoader
 from lit_methods.datamodules.imagenet import ImageNetDataModule
 
 __all__ = ["ClassIncrementalDataModule", "ClassSubsetView", "class_incremental_tasks", "dataset_targets",
@@ -289,19 +289,7 @@ class ClassIncrementalDataModule(L.LightningDataModule):
         return self._make_loader(images, targets, train=shuffle)
 
     def _make_loader(self, images: Tensor, targets: Tensor, train: bool) -> InMemoryBatchLoader:
-        dm = self.datamodule
-        rank, world_size = dm.rank_and_world_size()
-        sampler = ShardedEpochSampler(
-            len(targets),
-            dm.batch_size if train else dm.eval_batch_size,
-            shuffle=train,
-            seed=dm.seed,
-            drop_last=dm.drop_last if train else False,
-            rank=rank,
-            world_size=world_size,
-        )
-        extras = {"task": self.task_of_class[targets]}
-        return InMemoryBatchLoader(images, targets, sampler, pin_memory=dm.pin_memory, extras=extras)
+        return self.datamodule.loader_of(images, targets, train, extras={"task": self.task_of_class[targets]})
 
     def train_dataloader(self) -> InMemoryBatchLoader | DataLoader:
         if not self.in_memory:

@@ -25,4 +25,4 @@ class IndexedDataModule(WrappingDataModule):
         if dm.train_labels is None:
             raise RuntimeError("IndexedDataModule.setup('fit') has not loaded the training split yet")
         index = torch.arange(len(dm.train_labels))
-        return dm._loader(dm.train_images, dm.train_labels, train=True, extras={"index": index})
+        return dm.loader_of(dm.train_images, dm.train_labels, train=True, extras={"index": index})
