@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_methods.datamodules import DigitsDataModule
 from lit_methods.nets import ConvNet
 from lit_methods.unlearning import (
     UNLEARNING_METHODS,
@@ -23,31 +22,18 @@ from lit_methods.unlearning import (
     scrub_kl,
     unlearn,
 )
+from tests.unlearning.helpers import digits_train_split, train_logistic_regression
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     torch.set_num_threads(1)
-    data = DigitsDataModule(crop_padding=0)
-    data.setup("fit")
-    return data.to_inputs(data.train_images), data.train_labels
+    return digits_train_split()
 
 
 @pytest.fixture(scope="module")
 def trained(digits) -> nn.Module:
-    """Logistic regression on digits, SGD 0.01 momentum 0.9, 12 epochs (about 96 % train accuracy)."""
-    x, y = digits
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    order = torch.Generator().manual_seed(0)
-    for _ in range(12):
-        for idx in torch.randperm(len(y), generator=order).split(64):
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval()
+    return train_logistic_regression(*digits).eval()
 
 
 def flat(model: nn.Module) -> torch.Tensor:

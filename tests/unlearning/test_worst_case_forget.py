@@ -24,6 +24,7 @@ from lit_methods.unlearning import (
     unlearning_metrics,
 )
 from tests.helpers import cpu_trainer
+from tests.unlearning.helpers import digits_train_split, linear_digits_model, train_logistic_regression
 
 
 @pytest.mark.parametrize("k", [1, 7.5, 40])
@@ -60,28 +61,10 @@ def test_sign_sgd_steps_by_the_sign_of_the_gradient():
     assert torch.allclose(p.detach(), torch.tensor([0.9, -1.9, 3.0]))
 
 
-def linear_digits_model() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-
-
 @pytest.fixture(scope="module")
 def original() -> nn.Module:
-    """Logistic regression on normalised digits, SGD 0.01 momentum 0.9, 12 epochs (about 96 % train accuracy)."""
     torch.set_num_threads(1)
-    data = DigitsDataModule(crop_padding=0)
-    data.setup("fit")
-    x, y = data.to_inputs(data.train_images), data.train_labels
-    torch.manual_seed(0)
-    net = linear_digits_model()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    order = torch.Generator().manual_seed(0)
-    for _ in range(12):
-        for idx in torch.randperm(len(y), generator=order).split(64):
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net
+    return train_logistic_regression(*digits_train_split())
 
 
 def select(original: nn.Module, easiest: bool, log_dir: Path, **kwargs) -> WorstCaseForget:
