@@ -209,7 +209,7 @@ class PubDef(ImageClassifier):
             self.transfer_examples = cached["examples"]
         indices = torch.arange(len(labels))
         datamodule.train_dataloader = partial(  # type: ignore[method-assign]
-            datamodule._loader, images, labels, train=True, extras={"index": indices}
+            datamodule.loader_of, images, labels, train=True, extras={"index": indices}
         )
 
     def on_fit_start(self) -> None:
