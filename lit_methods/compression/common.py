@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -59,7 +60,9 @@ def example_inputs(in_channels: int | None, image_size: tuple[int, int] | None, 
 
 class MaskedLayers:
     """Mixin of the modules that prune ``backbone`` weights unstructured: one mask buffer per pruned layer (in
-    ``self.masks`` as ``layer0``, ``layer1``, ...; so checkpoints hold the masks), all ones at the start."""
+    ``self.masks`` as ``layer0``, ``layer1``, ...; so checkpoints hold the masks), all ones at the start. Pruned
+    weights stay zero in training: their gradients are masked before each optimizer step and the masks re-applied
+    after each batch (momentum gathered before a pruning would otherwise move them)."""
 
     backbone: nn.Module
     layer_names: list[str]
@@ -84,3 +87,15 @@ class MaskedLayers:
     def apply_masks(self) -> None:
         for weight, mask in zip(self.weights().values(), self.mask_dict().values()):
             weight.mul_(mask)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of pruned weights per layer."""
+        return {name: 1.0 - float(mask.mean()) for name, mask in self.mask_dict().items()}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for weight, mask in zip(self.weights().values(), self.mask_dict().values()):
+            if weight.grad is not None:
+                weight.grad.mul_(mask)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.apply_masks()

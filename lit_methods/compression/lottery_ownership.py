@@ -157,14 +157,6 @@ class LotteryOwnership(MaskedLayers, ImageClassifier):
             self.build_masks()
         self.apply_masks()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for weight, mask in zip(self.weights().values(), self.mask_dict().values()):
-            if weight.grad is not None:
-                weight.grad.mul_(mask)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.apply_masks()
-
     def on_train_epoch_end(self) -> None:
         self.log("ownership/bits", self.verify())
-        log_sparsity(self, {n: 1.0 - float(m.mean()) for n, m in self.mask_dict().items()}, "ownership/layers")
+        log_sparsity(self, self.layer_sparsity(), "ownership/layers")

@@ -109,14 +109,6 @@ class RDPrune(MaskedLayers, ImageClassifier):
         masks = list(self.mask_dict().values())
         return 1.0 - sum(float(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for weight, mask in zip(self.weights().values(), self.mask_dict().values()):
-            if weight.grad is not None:
-                weight.grad.mul_(mask)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.apply_masks()
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         filled = int(self.calibration_count)
         if filled < len(self.calibration_inputs):
@@ -169,5 +161,5 @@ class RDPrune(MaskedLayers, ImageClassifier):
 
     def on_train_epoch_end(self) -> None:
         self.log("rd_prune/sparsity", self.sparsity())
-        sparsity = {name: 1.0 - float(m.mean()) for name, m in self.mask_dict().items()}
+        sparsity = self.layer_sparsity()
         log_sparsity(self, sparsity, "rd_prune/layers")
