@@ -7,12 +7,14 @@ torchrun; plain ``torch.distributed`` code can call :func:`init_gloo` instead.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -39,7 +41,11 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
-        queue.put((rank, "ok", fn(*args)))
+        # The result travels as torch.save bytes: a tensor put on the queue as it is would be passed as a shared-memory
+        # file descriptor that this process serves, and the parent's read fails (connection reset) once it has exited.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report the failure to the parent instead of hanging it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -71,6 +77,8 @@ def run_distributed(fn: Callable, *args: Any, world_size: int = 2, timeout: floa
         rank, status, value = queue.get(timeout=timeout)
         if status == "error":
             errors.append(f"rank {rank}:\n{value}")
+        else:
+            value = torch.load(io.BytesIO(value), weights_only=False)
         results[rank] = value
     for p in procs:
         p.join(timeout)
